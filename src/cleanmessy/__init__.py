@@ -1,0 +1,1 @@
+"""Clean vs Messy."""

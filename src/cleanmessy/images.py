@@ -1,0 +1,104 @@
+"""Open, validate and convert one image. The single place images are decoded: ingest, the training
+input pipeline, evaluation, the predict CLI and the app all go through `to_model_input`, so what
+the model sees in training is what it sees in serving."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Modes PIL can turn into 8-bit RGB without guessing; 16-bit and float images are refused.
+SUPPORTED_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; `reason` is a short stable code for reports."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int
+    height: int
+    format: str  # as PIL names it: PNG, JPEG, ...
+    mode: str
+
+
+def _as_stream(source: Path | bytes) -> io.BytesIO | Path:
+    return io.BytesIO(source) if isinstance(source, bytes | bytearray) else Path(source)
+
+
+def open_rgb(
+    source: Path | bytes | Image.Image,
+    *,
+    min_side: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[Image.Image, ImageInfo]:
+    """Decode an image fully into 8-bit RGB, EXIF orientation applied, or raise `ImageError`.
+
+    The pixel budget is checked from the header, before any pixel is decoded.
+    """
+    if isinstance(source, Image.Image):
+        img = source
+        fmt = img.format or "IN-MEMORY"
+    else:
+        if isinstance(source, Path) and source.stat().st_size == 0:
+            raise ImageError("empty", "file is empty (0 bytes)")
+        if isinstance(source, bytes | bytearray) and len(source) == 0:
+            raise ImageError("empty", "file is empty (0 bytes)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(_as_stream(source))
+        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError("not_an_image", "not an image PIL can read") from None
+        fmt = img.format or "UNKNOWN"
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(
+            "too_large", f"{width}x{height} is {width * height:,} pixels, over the budget of {max_pixels:,}"
+        )
+    if img.mode not in SUPPORTED_MODES:
+        raise ImageError("unsupported_mode", f"unsupported image mode {img.mode!r} (16-bit or float)")
+    if min(width, height) < min_side:
+        raise ImageError("too_small", f"{width}x{height} is smaller than {min_side} px on a side")
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL reports truncation as OSError
+        raise ImageError("truncated", f"image data is truncated or corrupt ({exc})") from None
+    info = ImageInfo(width=width, height=height, format=fmt, mode=img.mode)
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent areas become white (as a browser shows them), not black.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB"), info
+
+
+def to_model_input(img: Image.Image, size: int) -> np.ndarray:
+    """Squash an RGB image to `size`x`size` uint8 — the model's input. Squash, not crop: clutter
+    at the edges of a room counts too. PIL's bilinear filter antialiases when shrinking."""
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_for_model(source: Path | bytes | Image.Image, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Any image source to the model's uint8 input; raises `ImageError` for unusable input."""
+    img, _ = open_rgb(source, max_pixels=max_pixels)
+    return to_model_input(img, size)
+
+
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES

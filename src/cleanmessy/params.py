@@ -1,0 +1,185 @@
+"""Load and validate params.yaml once; each stage gets a typed section, errors name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cleanmessy.errors import UserError
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    seed: int = 42
+    image_size: int = 64  # side in pixels of the square uint8 RGB image the model takes
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    source: str = "data/sample"  # folder | .zip | http(s):// URL of a zip | a sample recipe folder
+    sha256: str = ""  # required for URL sources: the download is checked against it
+    min_side: int = 32  # images smaller than this (either side) are rejected
+    max_pixels: int = 40_000_000  # decoding budget: larger images are rejected, never decoded
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    keep_source_split: bool = False  # use the source's own train/val/test folders when it has them
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    flip: Literal["horizontal", "vertical", "horizontal_and_vertical", "none"] = "horizontal"
+    rotation: float = 0.1  # fraction of a full turn, as keras.layers.RandomRotation
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    arch: Literal["seed_cnn"] = "seed_cnn"
+    epochs: int = 15
+    batch_size: int = 32
+    learning_rate: float = 0.001
+    patience: int = 5  # early stopping on val loss; the best epoch's weights are kept
+    filters: list[int] = field(default_factory=lambda: [32, 64])  # one Conv2D+MaxPool block each
+    dense_units: int = 64
+    dropout: float = 0.0
+    augment: AugmentParams = field(default_factory=AugmentParams)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    model_name: str = "clean-vs-messy"  # registered model name in the MLflow registry
+    min_accuracy: float = 0.8  # test accuracy a version needs before it may become `production`
+
+
+@dataclass(frozen=True)
+class PlotParams:
+    grid_images: int = 12
+    dpi: int = 100
+
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseParams = field(default_factory=BaseParams)
+    ingest: IngestParams = field(default_factory=IngestParams)
+    split: SplitParams = field(default_factory=SplitParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    plot: PlotParams = field(default_factory=PlotParams)
+
+
+def _check_fractions(p: Params) -> None:
+    s = p.split
+    for key, value in (("val_fraction", s.val_fraction), ("test_fraction", s.test_fraction)):
+        if not 0 <= value < 1:
+            raise UserError(f"params.yaml: split.{key} must be in [0, 1), got {value}")
+    if s.val_fraction + s.test_fraction >= 1:
+        raise UserError("params.yaml: split.val_fraction + split.test_fraction must be below 1")
+    positive = {
+        "base.image_size": p.base.image_size,
+        "train.epochs": p.train.epochs,
+        "train.batch_size": p.train.batch_size,
+        "train.learning_rate": p.train.learning_rate,
+        "train.dense_units": p.train.dense_units,
+        "ingest.min_side": p.ingest.min_side,
+        "ingest.max_pixels": p.ingest.max_pixels,
+        "plot.grid_images": p.plot.grid_images,
+        "plot.dpi": p.plot.dpi,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"params.yaml: {key} must be positive, got {value}")
+    if p.base.image_size < 16:
+        raise UserError(f"params.yaml: base.image_size must be at least 16, got {p.base.image_size}")
+    if not p.train.filters or any(f <= 0 for f in p.train.filters):
+        raise UserError("params.yaml: train.filters must be a non-empty list of positive integers")
+    if not 0 <= p.train.dropout < 1:
+        raise UserError(f"params.yaml: train.dropout must be in [0, 1), got {p.train.dropout}")
+    if not 0 <= p.evaluate.min_accuracy <= 1:
+        raise UserError("params.yaml: evaluate.min_accuracy must be in [0, 1]")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            raise UserError(f"params.yaml: {key} must be one of {choices}; got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"params.yaml: {key} must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported annotation for {key}")  # none used; keeps the checker honest
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and value is None:
+        return ""
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise UserError(f"params.yaml: {key} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"params.yaml: {prefix} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise UserError(
+            f"params.yaml: unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})"
+        )
+    values = {
+        name: _coerce(raw[name], hints[name], f"{prefix}.{name}" if prefix else name)
+        for name in names
+        if name in raw
+    }
+    return cls(**values)
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a parsed params mapping; missing keys take the defaults above."""
+    params = _build(Params, raw, "")
+    _check_fractions(params)
+    return params
+
+
+def load_params(path: Path) -> Params:
+    """Read and validate params.yaml."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} not found") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from None
+    return parse_params(raw)
+
+
+def flatten(params: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"train.augment.flip": "horizontal", ...}` — the keys MLflow and `dvc params diff` show."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, f"{key}."))
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,190 @@
+"""MLflow in one place: where the store is, which experiment, lineage tags, and the registry
+(register a version, promote it by alias, resolve a stage to a model URI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from cleanmessy.errors import UserError
+from cleanmessy.project import Paths
+
+EXPERIMENT = "clean-vs-messy"
+STAGES = ("staging", "production")  # registry stages, held as MLflow aliases
+
+
+def tracking_uri(paths: Paths) -> str:
+    """`MLFLOW_TRACKING_URI` when set (e.g. a team server), else the project's SQLite store.
+    Anchored at the project root, so any working directory sees the same store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlruns / 'mlflow.db'}"
+
+
+def setup(paths: Paths) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    uri = tracking_uri(paths)
+    if uri.startswith("sqlite:///"):
+        paths.mlruns.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        # A local store keeps artifacts beside the database, under mlruns/artifacts.
+        location = (paths.mlruns / "artifacts").as_uri() if uri.startswith("sqlite:") else None
+        experiment_id = mlflow.create_experiment(name, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def _git(root: Path, *args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def lineage_tags(paths: Paths, manifest_sha256: str, source: str) -> dict[str, str]:
+    """Tags that say where a run came from, so runs compare side by side in the MLflow UI."""
+    commit = _git(paths.root, "rev-parse", "HEAD")
+    tags = {
+        "git_commit": commit or "none",
+        "git_dirty": str(bool(_git(paths.root, "status", "--porcelain", "--untracked-files=no"))).lower(),
+        "data_manifest_sha256": manifest_sha256,
+        "data_source": source,
+    }
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if exp := os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = exp
+    return tags
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What train hands to evaluate and plot (pipeline/run.json)."""
+
+    run_id: str
+    experiment_id: str
+    class_names: list[str]
+    image_size: int
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.__dict__, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> RunInfo:
+        try:
+            return cls(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise UserError(f"{path} not found: run `cleanmessy train` (or `dvc repro`) first") from None
+
+
+def pip_requirements() -> list[str]:
+    """The serving requirements, pinned to what trained the model (inferring them costs ~10 s)."""
+    reqs = []
+    for dist in ("tensorflow-cpu", "tensorflow", "keras", "mlflow", "pillow", "numpy"):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return reqs
+
+
+class _KerasFlavor:
+    """`mlflow.keras` with one fix: MLflow 3.17's Keras flavor writes the input example before it
+    creates the model folder, so `log_model(..., input_example=...)` fails with FileNotFoundError.
+    This shim creates the folder first and hands everything else to `mlflow.keras.save_model`."""
+
+    __name__ = "mlflow.keras"
+
+    @staticmethod
+    def save_model(path: str, **kwargs: Any) -> None:
+        import mlflow.keras
+
+        os.makedirs(path, exist_ok=True)
+        mlflow.keras.save_model(path=path, **kwargs)
+
+
+def log_keras_model(model: Any, example: Any, prediction: Any, metadata: dict[str, Any]) -> Any:
+    """Log `model` to the active run (name "model") with signature, input example, pinned
+    requirements and `metadata` (class names, image size) in its MLmodel; returns the ModelInfo."""
+    from mlflow.models import Model, infer_signature
+
+    return Model.log(
+        artifact_path=None,
+        name="model",
+        flavor=_KerasFlavor,
+        flavor_name="mlflow.keras",
+        model=model,
+        signature=infer_signature(example, prediction),
+        input_example=example,
+        pip_requirements=pip_requirements(),
+        metadata=metadata,
+    )
+
+
+# ---------------------------------------------------------------- registry
+
+
+def decide_production(accuracy: float, min_accuracy: float, current: float | None) -> tuple[bool, str]:
+    """Whether a new version becomes `production`, and why, in words for its description."""
+    if accuracy < min_accuracy:
+        return False, f"not promoted: test accuracy {accuracy:.4f} is below evaluate.min_accuracy {min_accuracy:.4f}"
+    if current is not None and accuracy < current:
+        return False, f"not promoted: test accuracy {accuracy:.4f} is below the production version's {current:.4f}"
+    if current is None:
+        return True, f"promoted: test accuracy {accuracy:.4f} >= min_accuracy {min_accuracy:.4f}; first production version"
+    return True, (f"promoted: test accuracy {accuracy:.4f} >= min_accuracy {min_accuracy:.4f} "
+                  f"and >= the previous production version's {current:.4f}")
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+@dataclass(frozen=True)
+class Promotion:
+    version: str
+    production: bool
+    reason: str
+
+
+def register_and_promote(model_uri: str, name: str, run_id: str, accuracy: float, min_accuracy: float,
+                         tags: dict[str, str]) -> Promotion:
+    """Register `model_uri` as a new version of `name`: it always gets `staging`, and `production`
+    when `decide_production` says so. The reason is kept in the version's description and tags."""
+    client = MlflowClient()
+    current = alias_version(client, name, "production")
+    current_acc = float(current.tags["test_accuracy"]) if current and "test_accuracy" in current.tags else None
+    promote, reason = decide_production(accuracy, min_accuracy, current_acc)
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass  # it exists already
+    version = client.create_model_version(name, model_uri, run_id=run_id,
+                                          tags={**tags, "test_accuracy": f"{accuracy:.6f}"},
+                                          description=reason)
+    client.set_registered_model_alias(name, "staging", version.version)
+    if promote:
+        client.set_registered_model_alias(name, "production", version.version)
+    client.set_model_version_tag(name, version.version, "promotion", reason)
+    return Promotion(version.version, promote, reason)
+
+
+def model_uri_for(name: str, stage: str) -> str:
+    """`models:/name@stage` — stages are held as aliases."""
+    return f"models:/{name}@{stage.lower()}"

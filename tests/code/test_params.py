@@ -1,0 +1,151 @@
+"""params.yaml parsing and validation: defaults, errors that name the key, flattening."""
+
+from pathlib import Path
+
+import pytest
+
+from cleanmessy.errors import UserError
+from cleanmessy.params import Params, flatten, load_params, parse_params
+
+REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+def test_empty_mapping_gives_defaults():
+    """An empty params file means every section takes its dataclass defaults."""
+    assert parse_params({}) == Params()
+    assert parse_params(None) == Params()
+    p = parse_params({})
+    assert p.base.seed == 42
+    assert p.train.augment.flip == "horizontal"
+    assert p.train.filters == [32, 64]
+
+
+def test_partial_section_keeps_other_defaults():
+    """Setting one key in a section leaves its siblings at their defaults."""
+    p = parse_params({"train": {"epochs": 3}})
+    assert p.train.epochs == 3
+    assert p.train.batch_size == 32
+    assert p.split == Params().split
+
+
+def test_unknown_nested_key_is_named():
+    """A typo such as train.epoch is rejected with its full dotted name."""
+    with pytest.raises(UserError, match=r"unknown key train\.epoch\b"):
+        parse_params({"train": {"epoch": 10}})
+
+
+def test_unknown_top_level_key_is_named():
+    """An unknown section name is reported as it was written."""
+    with pytest.raises(UserError, match="unknown key trian"):
+        parse_params({"trian": {}})
+
+
+def test_wrong_type_names_key():
+    """epochs: "ten" is refused and the message names train.epochs."""
+    with pytest.raises(UserError, match=r"train\.epochs must be int"):
+        parse_params({"train": {"epochs": "ten"}})
+
+
+def test_bool_is_not_an_int():
+    """YAML `true` for an integer key is a type error, not 1."""
+    with pytest.raises(UserError, match=r"train\.epochs"):
+        parse_params({"train": {"epochs": True}})
+
+
+def test_literal_choice_rejected_with_choices():
+    """flip: diagonal is refused, naming the key and listing the allowed values."""
+    with pytest.raises(UserError) as exc:
+        parse_params({"train": {"augment": {"flip": "diagonal"}}})
+    msg = str(exc.value)
+    assert "train.augment.flip" in msg
+    assert "horizontal_and_vertical" in msg
+    assert "'diagonal'" in msg
+
+
+def test_literal_choice_accepted():
+    """A listed choice is kept as given."""
+    assert parse_params({"train": {"augment": {"flip": "none"}}}).train.augment.flip == "none"
+
+
+def test_int_accepted_for_float():
+    """learning_rate: 1 is accepted and stored as the float 1.0."""
+    lr = parse_params({"train": {"learning_rate": 1}}).train.learning_rate
+    assert lr == 1.0 and isinstance(lr, float)
+
+
+def test_list_items_are_checked_with_index():
+    """A bad element of train.filters is named with its index."""
+    with pytest.raises(UserError, match=r"train\.filters\[1\]"):
+        parse_params({"train": {"filters": [32, "x"]}})
+
+
+def test_section_must_be_mapping():
+    """A scalar where a section belongs is refused, naming the section."""
+    with pytest.raises(UserError, match="train must be a mapping"):
+        parse_params({"train": 5})
+
+
+@pytest.mark.parametrize("val, test", [(0.5, 0.5), (0.6, 0.5)])
+def test_fractions_summing_to_one_or_more_rejected(val, test):
+    """val_fraction + test_fraction >= 1 would leave nothing to train on."""
+    with pytest.raises(UserError, match=r"val_fraction \+ split\.test_fraction"):
+        parse_params({"split": {"val_fraction": val, "test_fraction": test}})
+
+
+def test_fraction_out_of_range_rejected():
+    """A negative fraction is refused with its key."""
+    with pytest.raises(UserError, match=r"split\.test_fraction"):
+        parse_params({"split": {"test_fraction": -0.1}})
+
+
+def test_non_positive_value_rejected():
+    """batch_size: 0 is refused with its key."""
+    with pytest.raises(UserError, match=r"train\.batch_size must be positive"):
+        parse_params({"train": {"batch_size": 0}})
+
+
+def test_null_string_becomes_empty():
+    """sha256: (empty in YAML) is read as the empty string."""
+    assert parse_params({"ingest": {"sha256": None}}).ingest.sha256 == ""
+
+
+def test_load_params_missing_file(tmp_path):
+    """A missing params.yaml is a UserError naming the path."""
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(UserError, match="not found"):
+        load_params(path)
+
+
+def test_load_params_invalid_yaml(tmp_path):
+    """Broken YAML is a UserError, not a yaml traceback."""
+    path = tmp_path / "params.yaml"
+    path.write_text("train: [unclosed\n  epochs: 3\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_params(path)
+
+
+def test_load_params_reads_values(tmp_path):
+    """load_params parses the file and applies its values."""
+    path = tmp_path / "params.yaml"
+    path.write_text("base:\n  seed: 7\ntrain:\n  augment:\n    flip: vertical\n")
+    p = load_params(path)
+    assert p.base.seed == 7
+    assert p.train.augment.flip == "vertical"
+
+
+def test_flatten_gives_dotted_keys():
+    """flatten() turns nested sections into dotted keys with leaf values."""
+    flat = flatten(parse_params({"train": {"augment": {"flip": "vertical"}}}))
+    assert flat["train.augment.flip"] == "vertical"
+    assert flat["train.filters"] == [32, 64]
+    assert flat["base.seed"] == 42
+    assert "train.augment" not in flat
+    assert all("." in k for k in flat)
+
+
+def test_repo_params_yaml_parses():
+    """The project's own params.yaml is valid and its values are read."""
+    p = load_params(REPO_PARAMS)
+    assert p.ingest.source == "data/sample"
+    assert p.train.arch == "seed_cnn"
+    assert p.split.val_fraction + p.split.test_fraction < 1
