@@ -60,8 +60,11 @@ def open_rgb(
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(_as_stream(source))
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        except UnidentifiedImageError:
             raise ImageError("not_an_image", "not an image PIL can read") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            # PIL's own guard (~89 MP) fires before our budget can be read from the header.
+            raise ImageError("too_large", f"over the decoder's pixel limit ({exc})") from None
         fmt = img.format or "UNKNOWN"
     width, height = img.size
     if width * height > max_pixels:

@@ -98,7 +98,7 @@ def _tidy(draw: ImageDraw.ImageDraw, rng: np.random.Generator, n: int, spots: di
         draw.rectangle([cx - n * 0.2, cy - n * 0.06, cx + n * 0.2, cy + n * 0.06], fill=_colour(rng))
     if rng.random() < 0.5:  # a pillow squared on the bed
         bx0, by0, bx1, _ = spots["bed"]
-        draw.rectangle([bx0 + 3, by0 + 3, bx0 + n * 0.1, by0 + n * 0.07], fill=(240, 240, 235))
+        draw.rectangle([bx0 + n * 0.02, by0 + n * 0.02, bx0 + n * 0.1, by0 + n * 0.07], fill=(240, 240, 235))
 
 
 def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, n: int, spots: dict) -> None:

@@ -151,10 +151,6 @@ def test_too_large_checked_before_decoding():
     assert reason(png_header_only(8000, 6000), max_pixels=40_000_000) == "too_large"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "images.open_rgb maps PIL's DecompressionBombWarning/Error (> ~89.5 MP) to 'not_an_image'; "
-    "a 100 MP phone photo is reported as 'not an image PIL can read' instead of 'too_large', and "
-    "a max_pixels above PIL's limit can never be honoured"))
 def test_very_large_image_is_too_large_not_unreadable():
     """A 10000x10000 header (over PIL's own bomb limit) is reported as "too_large"."""
     assert reason(png_header_only(10_000, 10_000)) == "too_large"

@@ -21,7 +21,7 @@ def test_render_differs_by_index_label_and_seed():
     assert sample.render("clean", 0, size=48, seed=9).tobytes() != base
 
 
-@pytest.mark.parametrize("size", [32, 57])
+@pytest.mark.parametrize("size", [48, 57])
 def test_render_size(size):
     """render returns an RGB image of the requested side."""
     img = sample.render("clean", 0, size=size)
@@ -36,13 +36,20 @@ def test_render_rejects_unknown_label():
 
 def test_generate_yields_both_classes():
     """generate yields per_class items for each of clean and messy, with matching paths."""
-    items = list(sample.generate(sample.Recipe(per_class=3, size=32, seed=0)))
+    items = list(sample.generate(sample.Recipe(per_class=3, size=48, seed=0)))
     assert len(items) == 6
     labels = [label for _, label, _ in items]
     assert labels.count("clean") == 3 and labels.count("messy") == 3
     assert all(rel.startswith(f"{label}/") and rel.endswith(".png") for rel, label, _ in items)
     assert len({rel for rel, _, _ in items}) == 6
-    assert all(img.size == (32, 32) for _, _, img in items)
+    assert all(img.size == (48, 48) for _, _, img in items)
+
+
+def test_generate_at_small_allowed_sizes():
+    """Every picture renders at the small sizes read_recipe accepts (32..44; the pillow once crashed below 43)."""
+    for size in range(32, 45):
+        items = list(sample.generate(sample.Recipe(per_class=10, size=size, seed=0)))
+        assert len(items) == 20 and all(img.size == (size, size) for _, _, img in items)
 
 
 def write_recipe(folder, text):

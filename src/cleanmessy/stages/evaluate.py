@@ -75,24 +75,22 @@ def prediction_frame(frame: pd.DataFrame, probs: np.ndarray, class_names: list[s
 def main(paths: Paths, params: Params) -> None:
     run = tracking.RunInfo.load(paths.run_info)
     test_frame = read_split(paths.split_csv("test"))
-    try:
-        model = keras.models.load_model(paths.model)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load {paths.model}: {exc}; run `cleanmessy train` (or `dvc repro`)") from None
-    ds = make_dataset(test_frame, paths.root, run.class_names, run.image_size, params.train.batch_size)
-    with image_read_errors():
-        probs = model.predict(ds, verbose=0)
-    test = compute_metrics(label_indices(test_frame, run.class_names), probs, run.class_names)
-    paths.metrics.write_text(json.dumps({"test": test}, indent=2) + "\n")
-    prediction_frame(test_frame, probs, run.class_names).to_csv(paths.predictions, index=False)
-    log.info("evaluate: test accuracy %.4f on %d images, loss %.4f", test["accuracy"], test["n"], test["loss"])
-
-    tracking.setup(paths)
-    example = next(iter(ds.unbatch().batch(1).take(1)))[0].numpy()
     name, min_acc = params.evaluate.model_name, params.evaluate.min_accuracy
+    tracking.setup(paths)
+    # All in the training run: if anything fails, MLflow marks the run FAILED and nothing is registered.
     with mlflow.start_run(run_id=run.run_id):
+        try:
+            model = keras.models.load_model(paths.model)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load {paths.model}: {exc}; run `cleanmessy train` (or `dvc repro`)") from None
+        ds = make_dataset(test_frame, paths.root, run.class_names, run.image_size, params.train.batch_size)
+        with image_read_errors():
+            probs = model.predict(ds, verbose=0)
+        test = compute_metrics(label_indices(test_frame, run.class_names), probs, run.class_names)
+        log.info("evaluate: test accuracy %.4f on %d images, loss %.4f", test["accuracy"], test["n"], test["loss"])
         mlflow.log_metrics(mlflow_metrics(test))
         mlflow.log_dict({"test": test}, "metrics.json")
+        example = next(iter(ds.unbatch().batch(1).take(1)))[0].numpy()
         info = tracking.log_keras_model(model, example, model.predict(example, verbose=0),
                                         {"class_names": run.class_names, "image_size": run.image_size})
         tags = {"run_id": run.run_id, "class_names": ",".join(run.class_names),
@@ -100,4 +98,6 @@ def main(paths: Paths, params: Params) -> None:
         tags = {k: v for k, v in tags.items() if not k.startswith("mlflow.")}
         promotion = tracking.register_and_promote(info.model_uri, name, run.run_id, test["accuracy"], min_acc, tags)
         mlflow.set_tags({"registered_version": promotion.version, "promotion": promotion.reason})
+    paths.metrics.write_text(json.dumps({"test": test}, indent=2) + "\n")
+    prediction_frame(test_frame, probs, run.class_names).to_csv(paths.predictions, index=False)
     log.info("evaluate: registered %s version %s (staging); %s", name, promotion.version, promotion.reason)

@@ -65,8 +65,8 @@ def locate(rel: PurePosixPath) -> tuple[str, str] | None:
     """`(label, original_split)` of a file from its path inside the source, or None when the file
     is not inside a class folder (e.g. a README at the top). The label is the parent folder's name;
     the split is the nearest folder above it called train/val/valid/validation/test."""
-    if len(rel.parts) < 2:
-        return None
+    if len(rel.parts) < 2 or rel.parts[-2].lower() in SPLIT_NAMES:
+        return None  # at the top, or loose in a split folder (train/labels.csv): not in a class
     split = next((SPLIT_NAMES[p.lower()] for p in reversed(rel.parts[:-2]) if p.lower() in SPLIT_NAMES), "")
     return rel.parts[-2], split
 
@@ -154,8 +154,8 @@ def _walk_zip(archive: zipfile.ZipFile) -> Iterator[tuple[PurePosixPath, Reader]
 
 def _strip_common_root(files: list[tuple[PurePosixPath, Reader]]) -> list[tuple[PurePosixPath, Reader]]:
     """A zip of `images/` holds `images/clean/...`: the single top folder is not a class."""
-    tops = {rel.parts[0] for rel, _ in files if len(rel.parts) > 1}
-    if len(tops) == 1 and all(len(rel.parts) > 2 for rel, _ in files):
+    tops = {rel.parts[0] for rel, _ in files}
+    if len(tops) == 1 and all(len(rel.parts) > 1 for rel, _ in files) and any(len(rel.parts) > 2 for rel, _ in files):
         return [(PurePosixPath(*rel.parts[1:]), read) for rel, read in files]
     return files
 
@@ -186,8 +186,10 @@ def download(url: str, sha256: str, dest: Path) -> None:
         raise UserError(f"download of {url} has sha256 {digest.hexdigest()}, but ingest.sha256 is {sha256}")
 
 
-def source_files(source: str, sha256: str, root: Path, workdir: Path) -> tuple[str, list[tuple[PurePosixPath, Reader]]]:
-    """`(kind, files)` for an `ingest.source` value; relative paths are relative to the project root."""
+def source_files(source: str, sha256: str, root: Path, workdir: Path,
+                 images_dir: Path | None = None) -> tuple[str, list[tuple[PurePosixPath, Reader]]]:
+    """`(kind, files)` for an `ingest.source` value; relative paths are relative to the project root.
+    A source that overlaps `images_dir` (ingest's output, replaced on every run) is refused."""
     if source.startswith(("http://", "https://")):
         archive_path = workdir / "source.zip"
         log.info("downloading %s", source)
@@ -197,6 +199,11 @@ def source_files(source: str, sha256: str, root: Path, workdir: Path) -> tuple[s
         path = (root / source).resolve() if not Path(source).is_absolute() else Path(source)
         if not path.exists():
             raise UserError(f"ingest.source {source!r} does not exist (resolved to {path})")
+        if images_dir is not None:
+            out = images_dir.resolve()
+            if path == out or out in path.parents or path in out.parents:
+                raise UserError(f"ingest.source {source!r} overlaps ingest's output folder {images_dir}, "
+                                "which every run replaces; point it at the original photos")
         if path.is_dir():
             if sample.is_recipe(path):
                 return "sample", list(_sample_files(path))
@@ -270,7 +277,7 @@ def manifest_hash(manifest_csv: Path) -> str:
 def main(paths: Paths, params: Params) -> None:
     p = params.ingest
     with tempfile.TemporaryDirectory() as tmp:
-        kind, files = source_files(p.source, p.sha256, paths.root, Path(tmp))
+        kind, files = source_files(p.source, p.sha256, paths.root, Path(tmp), paths.images)
         log.info("ingest: %d files from %s source %s", len(files), kind, p.source)
         result = run_ingest(files, p, paths.images, paths.images.relative_to(paths.root).as_posix())
     paths.manifest.parent.mkdir(parents=True, exist_ok=True)

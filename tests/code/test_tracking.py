@@ -1,0 +1,326 @@
+"""tracking: the MLflow store, experiment, lineage tags, run hand-off and registry promotion,
+against a real SQLite store in tmp_path."""
+
+import os
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+import mlflow.tracking._model_registry.utils as mlflow_registry_state
+import mlflow.tracking._tracking_service.utils as mlflow_tracking_state
+import mlflow.tracking.fluent as mlflow_fluent_state
+import pytest
+from mlflow import MlflowClient
+
+from cleanmessy import tracking
+from cleanmessy.errors import UserError
+from cleanmessy.project import Paths
+
+# MLflow keeps the tracking URI, registry URI and experiment id both in module globals and in
+# these environment variables (set_tracking_uri / set_experiment export them for subprocesses).
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
+              "DVC_EXP_NAME")
+GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow(monkeypatch: pytest.MonkeyPatch):
+    """No tracking server from the environment, and no MLflow state leaking into later tests."""
+    for key in MLFLOW_ENV:
+        # setenv first so monkeypatch records the original value (or its absence) and restores it,
+        # even after MLflow itself exported the variable during the test.
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    # setup() sets these process-wide; re-setting them to their current values makes monkeypatch
+    # put them back afterwards (state restored, nothing replaced: MLflow runs for real).
+    monkeypatch.setattr(mlflow_tracking_state, "_tracking_uri", mlflow_tracking_state._tracking_uri)
+    monkeypatch.setattr(mlflow_registry_state, "_registry_uri", mlflow_registry_state._registry_uri)
+    monkeypatch.setattr(mlflow_fluent_state, "_active_experiment_id", mlflow_fluent_state._active_experiment_id)
+    yield
+    assert mlflow.active_run() is None, "a test left an MLflow run open"
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Paths:
+    (tmp_path / "mlruns").mkdir()
+    return Paths(tmp_path)
+
+
+def log_dummy_model(root: Path) -> str:
+    """A finished run with a small artifact folder logged as "model"; returns the run id."""
+    model_dir = root / "dummy_model"
+    model_dir.mkdir(exist_ok=True)
+    (model_dir / "weights.txt").write_text("not really a model\n")
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    return run.info.run_id
+
+
+def register(root: Path, accuracy: float, min_accuracy: float = 0.8) -> tracking.Promotion:
+    run_id = log_dummy_model(root)
+    return tracking.register_and_promote(f"runs:/{run_id}/model", "m", run_id, accuracy, min_accuracy,
+                                         {"a": "b"})
+
+
+def aliases(version) -> set[str]:
+    return set(MlflowClient().get_model_version("m", str(version)).aliases)
+
+
+# ---------------------------------------------------------------- store and experiment
+
+
+def test_tracking_uri_is_the_projects_sqlite_store(paths):
+    """Without MLFLOW_TRACKING_URI the store is <root>/mlruns/mlflow.db, as an absolute sqlite URI."""
+    uri = tracking.tracking_uri(paths)
+    assert uri == f"sqlite:///{paths.root / 'mlruns' / 'mlflow.db'}"
+    assert uri.startswith("sqlite:////")  # three slashes plus an absolute path
+
+
+def test_tracking_uri_env_var_overrides(paths, monkeypatch):
+    """MLFLOW_TRACKING_URI (a team server) wins over the project's store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example.invalid:5000")
+    assert tracking.tracking_uri(paths) == "http://mlflow.example.invalid:5000"
+
+
+def test_setup_creates_experiment_with_local_artifact_location(paths):
+    """setup creates "clean-vs-messy" with artifacts under <root>/mlruns/artifacts (a file URI)."""
+    experiment_id = tracking.setup(paths)
+    assert (paths.mlruns / "mlflow.db").is_file()
+    experiment = MlflowClient().get_experiment(experiment_id)
+    assert experiment.name == "clean-vs-messy" == tracking.EXPERIMENT
+    assert experiment.artifact_location == (paths.root / "mlruns" / "artifacts").as_uri()
+    assert experiment.artifact_location.startswith("file://")
+    assert mlflow.get_tracking_uri() == tracking.tracking_uri(paths)
+
+
+def test_setup_twice_returns_the_same_experiment(paths):
+    """A second setup finds the existing experiment instead of creating another."""
+    first = tracking.setup(paths)
+    second = tracking.setup(paths)
+    assert first == second
+    names = [e.name for e in MlflowClient().search_experiments()]
+    assert names.count("clean-vs-messy") == 1
+
+
+def test_setup_honours_experiment_name_env(paths, monkeypatch):
+    """MLFLOW_EXPERIMENT_NAME picks a different experiment name."""
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "other-experiment")
+    experiment_id = tracking.setup(paths)
+    assert MlflowClient().get_experiment(experiment_id).name == "other-experiment"
+
+
+def test_runs_land_in_the_project_store(paths):
+    """After setup, a run started with the fluent API is stored in the project's experiment."""
+    experiment_id = tracking.setup(paths)
+    run_id = log_dummy_model(paths.root)
+    run = MlflowClient().get_run(run_id)
+    assert run.info.experiment_id == experiment_id
+    assert run.info.artifact_uri.startswith((paths.mlruns / "artifacts").as_uri())
+    assert (paths.mlruns / "artifacts").is_dir()
+
+
+# ---------------------------------------------------------------- promotion rule
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "min_accuracy", "current", "promoted", "words"),
+    [
+        (0.70, 0.80, None, False, ["not promoted", "min_accuracy", "0.7000", "0.8000"]),
+        (0.70, 0.80, 0.60, False, ["not promoted", "min_accuracy"]),  # min wins over a worse production
+        (0.85, 0.80, None, True, ["promoted", "first production version"]),
+        (0.80, 0.80, None, True, ["first production version"]),  # exactly the minimum is enough
+        (0.90, 0.80, 0.90, True, ["promoted", "previous production version's 0.9000"]),  # a tie promotes
+        (0.95, 0.80, 0.90, True, ["promoted", "0.9500"]),
+        (0.85, 0.80, 0.90, False, ["not promoted", "production version's 0.9000"]),
+    ],
+)
+def test_decide_production(accuracy, min_accuracy, current, promoted, words):
+    """Below min never promotes; no production yet promotes; otherwise >= current promotes."""
+    ok, reason = tracking.decide_production(accuracy, min_accuracy, current)
+    assert ok is promoted
+    assert reason.startswith("promoted" if promoted else "not promoted")
+    for word in words:
+        assert word in reason
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_first_version_gets_staging_and_production(paths):
+    """The first version above min_accuracy is registered with both aliases, tags and description."""
+    tracking.setup(paths)
+    run_id = log_dummy_model(paths.root)
+    promotion = tracking.register_and_promote(f"runs:/{run_id}/model", "m", run_id, 0.9, 0.8, {"a": "b"})
+    assert str(promotion.version) == "1"
+    assert promotion.production is True
+    assert "first production version" in promotion.reason
+    version = MlflowClient().get_model_version("m", "1")  # search results carry no aliases
+    assert set(version.aliases) == {"staging", "production"}
+    assert version.run_id == run_id
+    assert version.tags["test_accuracy"] == "0.900000"
+    assert version.tags["a"] == "b"
+    assert version.tags["promotion"] == promotion.reason
+    assert version.description.startswith("promoted")
+    assert version.description == promotion.reason
+
+
+def test_versions_move_aliases_by_accuracy(paths):
+    """staging follows every new version; production moves only to one at least as good."""
+    tracking.setup(paths)
+    first = register(paths.root, 0.9)
+    assert aliases(first.version) == {"staging", "production"}
+
+    worse = register(paths.root, 0.85)
+    assert str(worse.version) == "2"
+    assert worse.production is False
+    assert aliases(1) == {"production"}
+    assert aliases(2) == {"staging"}
+    v2 = MlflowClient().get_model_version("m", "2")
+    assert v2.description.startswith("not promoted")
+    assert "0.9000" in v2.description  # compared against the production version's accuracy
+
+    better = register(paths.root, 0.95)
+    assert str(better.version) == "3"
+    assert better.production is True
+    assert aliases(1) == set()
+    assert aliases(2) == set()
+    assert aliases(3) == {"staging", "production"}
+    assert MlflowClient().get_model_version_by_alias("m", "production").version == better.version
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "register_and_promote compares against the production version's test_accuracy tag, which is "
+    "rounded to 6 decimals (f'{accuracy:.6f}'); 2/3 is stored as 0.666667 > 2/3, so an equally "
+    "accurate new version loses the tie that decide_production says it should win"))
+def test_equal_accuracy_that_rounds_up_still_promotes(paths):
+    """A new version exactly as accurate as production (2/3, e.g. 20 of 30) takes production."""
+    tracking.setup(paths)
+    register(paths.root, 2 / 3, min_accuracy=0.5)
+    tie = register(paths.root, 2 / 3, min_accuracy=0.5)
+    assert tie.production is True, tie.reason
+    assert aliases(2) == {"staging", "production"}
+
+
+def test_version_below_min_accuracy_never_gets_production(paths):
+    """Below evaluate.min_accuracy a version gets staging only, even with no production yet."""
+    tracking.setup(paths)
+    low = register(paths.root, 0.5, min_accuracy=0.8)
+    assert low.production is False
+    assert aliases(low.version) == {"staging"}
+    assert tracking.alias_version(MlflowClient(), "m", "production") is None
+    assert "min_accuracy" in MlflowClient().get_model_version("m", "1").description
+
+    register(paths.root, 0.9, min_accuracy=0.8)
+    lower = register(paths.root, 0.7, min_accuracy=0.8)
+    assert lower.production is False
+    assert aliases(2) == {"production"}
+    assert aliases(3) == {"staging"}
+
+
+def test_alias_version_missing_model_is_none(paths):
+    """alias_version answers None for a model or alias that does not exist."""
+    tracking.setup(paths)
+    assert tracking.alias_version(MlflowClient(), "no-such-model", "production") is None
+
+
+def test_model_uri_for_uses_lower_case_alias():
+    """Stages resolve to alias URIs, whatever the case they are given in."""
+    assert tracking.model_uri_for("m", "Production") == "models:/m@production"
+    assert tracking.model_uri_for("clean-vs-messy", "staging") == "models:/clean-vs-messy@staging"
+
+
+# ---------------------------------------------------------------- run hand-off
+
+
+def test_run_info_round_trip(tmp_path):
+    """RunInfo saved to JSON loads back equal, lists and ints included."""
+    info = tracking.RunInfo(run_id="abc123", experiment_id="7", class_names=["clean", "messy"], image_size=64)
+    path = tmp_path / "run.json"
+    info.save(path)
+    loaded = tracking.RunInfo.load(path)
+    assert loaded == info
+    assert loaded.class_names == ["clean", "messy"]
+    assert isinstance(loaded.image_size, int)
+
+
+def test_run_info_missing_file_says_run_train(tmp_path):
+    """A missing run.json is a UserError telling the user to run `cleanmessy train`."""
+    with pytest.raises(UserError, match="cleanmessy train") as excinfo:
+        tracking.RunInfo.load(tmp_path / "pipeline" / "run.json")
+    assert "run.json" in str(excinfo.value)
+
+
+# ---------------------------------------------------------------- lineage
+
+
+def git(root: Path, *args: str) -> str:
+    env = {**os.environ, **GIT_ENV}
+    return subprocess.run(["git", *args], cwd=root, env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.fixture
+def git_repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    root.mkdir()
+    git(root, "init", "-q")
+    (root / "tracked.txt").write_text("one\n")
+    git(root, "add", "tracked.txt")
+    git(root, "commit", "-q", "-m", "first")
+    return root
+
+
+def test_lineage_tags_in_git_repo(git_repo):
+    """In a clean checkout the tags carry HEAD's commit, dirty=false, and the data fingerprint."""
+    tags = tracking.lineage_tags(Paths(git_repo), "f" * 64, "data/sample")
+    head = git(git_repo, "rev-parse", "HEAD")
+    assert len(head) == 40
+    assert tags["git_commit"] == head
+    assert tags["mlflow.source.git.commit"] == head
+    assert tags["git_dirty"] == "false"
+    assert tags["data_manifest_sha256"] == "f" * 64
+    assert tags["data_source"] == "data/sample"
+    assert "dvc_exp_name" not in tags
+
+
+def test_lineage_tags_dirty_when_tracked_file_changed(git_repo):
+    """A modified tracked file makes git_dirty "true"; an untracked one does not."""
+    (git_repo / "untracked.txt").write_text("new\n")
+    assert tracking.lineage_tags(Paths(git_repo), "x", "s")["git_dirty"] == "false"
+    (git_repo / "tracked.txt").write_text("two\n")
+    assert tracking.lineage_tags(Paths(git_repo), "x", "s")["git_dirty"] == "true"
+
+
+def test_lineage_tags_dvc_exp_name(git_repo, monkeypatch):
+    """DVC_EXP_NAME (set by `dvc exp run`) becomes the dvc_exp_name tag."""
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-test")
+    assert tracking.lineage_tags(Paths(git_repo), "x", "s")["dvc_exp_name"] == "lr-test"
+
+
+def test_lineage_tags_outside_git(tmp_path, monkeypatch):
+    """Outside any git repository the commit is "none" and no MLflow git tag is set."""
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # don't find a repo above tmp
+    root = tmp_path / "plain"
+    root.mkdir()
+    tags = tracking.lineage_tags(Paths(root), "abc", "src")
+    assert tags["git_commit"] == "none"
+    assert tags["git_dirty"] == "false"
+    assert "mlflow.source.git.commit" not in tags
+    assert tags["data_manifest_sha256"] == "abc"
+
+
+# ---------------------------------------------------------------- requirements
+
+
+def test_pip_requirements_pin_installed_versions():
+    """keras and mlflow are pinned with == to the installed versions; no package appears twice."""
+    reqs = tracking.pip_requirements()
+    pins = dict(r.split("==", 1) for r in reqs)
+    assert all("==" in r for r in reqs)
+    assert pins["keras"] == metadata.version("keras")
+    assert pins["mlflow"] == metadata.version("mlflow")
+    assert pins["numpy"] == metadata.version("numpy")
+    assert len(pins) == len(reqs)
