@@ -176,13 +176,13 @@ def register_and_promote(model_uri: str, name: str, run_id: str, accuracy: float
     except MlflowException:
         pass  # it exists already
     version = client.create_model_version(name, model_uri, run_id=run_id,
-                                          tags={**tags, "test_accuracy": f"{accuracy:.6f}"},
+                                          tags={**tags, "test_accuracy": repr(accuracy)},  # exact: ties compare equal
                                           description=reason)
     client.set_registered_model_alias(name, "staging", version.version)
     if promote:
         client.set_registered_model_alias(name, "production", version.version)
     client.set_model_version_tag(name, version.version, "promotion", reason)
-    return Promotion(version.version, promote, reason)
+    return Promotion(str(version.version), promote, reason)
 
 
 def model_uri_for(name: str, stage: str) -> str:

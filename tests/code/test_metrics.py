@@ -120,9 +120,6 @@ def test_three_classes_use_one_vs_rest_auc():
     assert m["per_class"]["tidy"]["recall"] == pytest.approx(0.5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "compute_metrics only checks for fewer than 2 classes in y_true; with 3 classes and one absent "
-    "from the test labels sklearn's one-vs-rest AUC is NaN, which reaches metrics.json and MLflow"))
 def test_three_classes_with_one_absent_gives_no_nan_auc():
     """A class missing from the test labels makes AUC undefined: None, never NaN."""
     y = np.array([0, 1, 0, 1])

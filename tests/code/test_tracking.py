@@ -191,10 +191,6 @@ def test_versions_move_aliases_by_accuracy(paths):
     assert MlflowClient().get_model_version_by_alias("m", "production").version == better.version
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "register_and_promote compares against the production version's test_accuracy tag, which is "
-    "rounded to 6 decimals (f'{accuracy:.6f}'); 2/3 is stored as 0.666667 > 2/3, so an equally "
-    "accurate new version loses the tie that decide_production says it should win"))
 def test_equal_accuracy_that_rounds_up_still_promotes(paths):
     """A new version exactly as accurate as production (2/3, e.g. 20 of 30) takes production."""
     tracking.setup(paths)

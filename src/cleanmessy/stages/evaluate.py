@@ -30,8 +30,8 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], eps, 1.0))))
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0)
-    if len(set(y_true)) < 2:
-        auc = None  # undefined with one class present
+    if len(set(y_true.tolist())) < len(class_names):
+        auc = None  # undefined (NaN in sklearn) when a class has no test image
     elif len(class_names) == 2:
         auc = float(roc_auc_score(y_true, probs[:, 1]))
     else:
