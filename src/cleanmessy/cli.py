@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 from cleanmessy.errors import UserError
 
@@ -35,12 +36,73 @@ def _run_stage(args: argparse.Namespace) -> None:
     module.main(paths, params)
 
 
+def _model_uri(args: argparse.Namespace) -> str:
+    """`--model-uri` as given, else the registered model at `--stage` (`models:/name@stage`); the
+    name is --model-name, else the project's evaluate.model_name, else the default."""
+    from cleanmessy import tracking
+    from cleanmessy.params import EvaluateParams, load_params
+    from cleanmessy.project import project_paths
+
+    tracking.use_store()
+    if args.model_uri:
+        return args.model_uri
+    name = args.model_name
+    if not name:
+        try:
+            name = load_params(project_paths().params).evaluate.model_name
+        except UserError:  # outside a project (e.g. against a remote MLFLOW_TRACKING_URI)
+            name = EvaluateParams().model_name
+    return tracking.model_uri_for(name, args.stage)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from cleanmessy.serving.predict import run
+
+    return run(args.paths, _model_uri(args), args.out, args.batch_size)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from cleanmessy.serving.app import serve
+
+    serve(_model_uri(args), "0.0.0.0" if args.public else args.host, args.port, args.auth, args.max_pixels)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--stage", default="production",
+                       help="registry stage (an MLflow alias) to load: production (default), staging, ...")
+    which.add_argument("--model-uri", help="a registered model URI instead: models:/clean-vs-messy/3, "
+                                           "models:/clean-vs-messy@staging, models:/clean-vs-messy/Production")
+    parser.add_argument("--model-name", help="registered model name (default: evaluate.model_name's default, "
+                                             "clean-vs-messy)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cleanmessy", description="Clean vs Messy room classifier pipeline")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in STAGES.items():
         sub.add_parser(name, help=help_text, description=help_text).set_defaults(func=_run_stage)
+
+    predict = sub.add_parser("predict", help="classify photos with a registered model",
+                             description="Classify image files (folders are searched recursively) with the "
+                                         "model the MLflow registry holds at a stage. Prints a table; "
+                                         "--out writes it as CSV. Exit status 1 if any file failed.")
+    predict.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    _add_model_options(predict)
+    predict.add_argument("--out", type=Path, help="write the predictions to this CSV file")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.set_defaults(func=_predict)
+
+    serve = sub.add_parser("serve", help="the Gradio app for a registered model",
+                           description="Serve the model the MLflow registry holds at a stage as a Gradio app.")
+    _add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--public", action="store_true", help="bind 0.0.0.0: reachable from other machines")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--auth", help="user:password for a login page (or set CLEANMESSY_AUTH)")
+    serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest photo accepted, in pixels")
+    serve.set_defaults(func=_serve)
     return parser
 
 
@@ -51,14 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("alembic", "mlflow.store", "urllib3", "httpx", "absl", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        args.func(args)
+        status = args.func(args)
     except UserError as exc:
         print(f"cleanmessy {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cleanmessy {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

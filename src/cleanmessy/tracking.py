@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from importlib import metadata
@@ -188,3 +189,64 @@ def register_and_promote(model_uri: str, name: str, run_id: str, accuracy: float
 def model_uri_for(name: str, stage: str) -> str:
     """`models:/name@stage` — stages are held as aliases."""
     return f"models:/{name}@{stage.lower()}"
+
+
+# ---------------------------------------------------------------- model selection (serving)
+
+_MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<ref>[\w-]+))")
+
+
+def use_store(start: Path | None = None) -> str:
+    """Point MLflow at the configured store without creating anything: `MLFLOW_TRACKING_URI`, or
+    the SQLite store of the project found from `start` (default: cwd). Returns the URI."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+    else:
+        from cleanmessy.project import project_paths
+
+        uri = tracking_uri(project_paths(start))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """One version of a registered model, as the registry describes it."""
+
+    name: str
+    version: str
+    aliases: list[str]
+    run_id: str
+    test_accuracy: float | None
+    description: str
+
+    @property
+    def uri(self) -> str:
+        """The exact version: what is shown is what is loaded, even if an alias moves meanwhile."""
+        return f"models:/{self.name}/{self.version}"
+
+
+def resolve_version(model_uri: str) -> RegisteredVersion:
+    """The registered version a URI names: `models:/name@stage` (stages are aliases),
+    `models:/name/3`, or a legacy stage URI `models:/name/Production` (read as alias `production`)."""
+    found = _MODEL_URI.fullmatch(model_uri)
+    if not found:
+        raise UserError(f"model URI {model_uri!r} is not one of models:/<name>@<stage>, models:/<name>/<version> "
+                        "or models:/<name>/<Stage>; loose files are not served, only registered models")
+    name, alias, ref = found["name"], found["alias"], found["ref"]
+    client = MlflowClient()
+    try:
+        if ref and ref.isdigit():
+            version = client.get_model_version(name, ref)
+        else:
+            alias = (alias or ref).lower()
+            version = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        what = f"version {ref}" if ref and ref.isdigit() else f"a version at stage '{alias}'"
+        raise UserError(f"the registry at {mlflow.get_registry_uri()} has no {what} of model '{name}'; "
+                        "`dvc repro` (or `cleanmessy evaluate`) registers one and promotes it") from None
+    accuracy = version.tags.get("test_accuracy")
+    return RegisteredVersion(name=name, version=str(version.version), aliases=sorted(version.aliases or []),
+                             run_id=version.run_id or "", description=version.description or "",
+                             test_accuracy=float(accuracy) if accuracy else None)

@@ -1,0 +1,88 @@
+"""A registered model, loaded once for serving: the Keras model from MLflow, its class names and
+input size (from the MLmodel metadata), a compiled inference function and Grad-CAM."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cleanmessy import tracking
+from cleanmessy.errors import UserError
+from cleanmessy.images import to_model_input
+
+log = logging.getLogger(__name__)
+
+
+def explained_class(class_names: list[str]) -> int:
+    """The class whose score the heat map explains: "messy" when the model has it, else the last."""
+    return class_names.index("messy") if "messy" in class_names else len(class_names) - 1
+
+
+@dataclass
+class ServedModel:
+    """Everything a server needs from the registry, loaded once at start-up."""
+
+    version: tracking.RegisteredVersion
+    class_names: list[str]
+    image_size: int
+    keras_model: object
+    model_card: str = ""
+
+    @classmethod
+    def load(cls, model_uri: str) -> ServedModel:
+        """Resolve `model_uri` in the configured registry, download and load that exact version."""
+        import mlflow
+        import mlflow.keras
+        from mlflow.models import Model
+
+        version = tracking.resolve_version(model_uri)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.uri))
+        meta = Model.load(str(local)).metadata or {}
+        if "class_names" not in meta or "image_size" not in meta:
+            raise UserError(f"{version.uri} has no class_names/image_size metadata: it was not logged by "
+                            "`cleanmessy evaluate`")
+        keras_model = mlflow.keras.load_model(str(local))
+        card = local / "model_card.md"
+        served = cls(version, list(meta["class_names"]), int(meta["image_size"]), keras_model,
+                     card.read_text() if card.is_file() else "")
+        served._compile()
+        return served
+
+    def _compile(self) -> None:
+        """Compile the forward pass and Grad-CAM once and run both, so no request pays for tracing."""
+        import tensorflow as tf
+
+        from cleanmessy.serving.explain import gradcam_function
+
+        model = self.keras_model
+        self._forward = tf.function(
+            lambda x: model(x, training=False),
+            input_signature=[tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.uint8)],
+        )
+        self._explain = gradcam_function(model, self.image_size)
+        self._messy = explained_class(self.class_names)
+        warm = np.zeros((1, self.image_size, self.image_size, 3), np.uint8)
+        self._forward(warm)
+        self._explain(warm, np.int32(self._messy))
+        log.info("serving %s (%s), classes %s, %d px", self.version.uri, ",".join(self.version.aliases) or "no alias",
+                 self.class_names, self.image_size)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities for a uint8 batch (n, size, size, 3)."""
+        return self._forward(batch).numpy()
+
+    def explain(self, photo) -> tuple[np.ndarray, np.ndarray]:
+        """`(probabilities, heat map in [0, 1])` for one RGB PIL photo; the map explains "messy"."""
+        x = to_model_input(photo, self.image_size)[None]
+        probs, cam = self._explain(x, np.int32(self._messy))
+        return probs.numpy()[0], cam.numpy()[0]
+
+    def info(self) -> dict:
+        """What the app shows and the `model_info` endpoint returns."""
+        v = self.version
+        return {"name": v.name, "version": v.version, "stages": v.aliases, "test_accuracy": v.test_accuracy,
+                "run_id": v.run_id, "uri": v.uri, "class_names": self.class_names, "image_size": self.image_size,
+                "promotion": v.description}
