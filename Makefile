@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export GRADIO_ANALYTICS_ENABLED := False
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup run test ui clean-outputs
+.PHONY: setup browser run test ui serve clean-outputs
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -23,8 +23,20 @@ setup: $(UV)
 run: setup
 	$(RUN) dvc repro
 
-test: setup
+# Debian's Chromium for the browser tests (Playwright drives it; no browser download).
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
+	else echo "no apt-get: install Chromium at /usr/bin/chromium for the browser test"; fi
+
+test: setup browser
 	$(RUN) pytest
+
+# The Gradio app for the model at the `production` stage: http://127.0.0.1:7860
+serve: setup
+	$(RUN) cleanmessy serve --stage production
 
 # The MLflow UI over the project's store: http://127.0.0.1:5000
 ui: setup

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -91,6 +97,47 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subpro
     """A project copy on which the real `dvc repro` has run once with tiny params."""
     project = copy_project(tmp_path_factory.mktemp("project"))
     return project, run(["dvc", "repro"], project)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Poll until the server answers; fail with its log if it died or never answered."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}:\n{log.read_text()[-6000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    process.kill()
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+@contextlib.contextmanager
+def serving(project: Path, *args: str) -> Iterator[str]:
+    """A real `cleanmessy serve` on a free loopback port; yields its URL, stops it after."""
+    port = free_port()
+    log = project / f"serve-{port}.log"  # a file, not a pipe: a pipe nobody reads fills and blocks the server
+    with log.open("w") as out:
+        process = subprocess.Popen(["cleanmessy", "serve", "--port", str(port), *args], cwd=project,
+                                   env=tool_env(), stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for_http(url, process, log)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 requires_real_photos = pytest.mark.skipif(

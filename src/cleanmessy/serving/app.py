@@ -3,13 +3,16 @@ Grad-CAM heat map of what drove the "messy" score."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 import gradio as gr
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from cleanmessy import sample
 from cleanmessy.errors import UserError
@@ -31,6 +34,30 @@ class PhotoInput(gr.Image):
             return super().preprocess(payload)
         except (UnidentifiedImageError, OSError, ValueError):
             raise gr.Error("That file is not an image this app can read (try a JPEG or PNG photo).") from None
+
+
+class HeatMapOutput(gr.Image):
+    """gr.Image that writes its outputs into Gradio's cache atomically. Gradio names a cached image
+    by its content hash and rewrites the file on every request; two requests with the same photo
+    then make the same file, and one client can download it while the other truncates and
+    rewrites it (seen with 8 parallel clients: "Too little data for declared Content-Length").
+    Here the file is written once, to a temporary name, then renamed into place."""
+
+    is_template = True
+
+    def postprocess(self, value):
+        if isinstance(value, Image.Image):
+            buffer = io.BytesIO()
+            value.save(buffer, format=self.format.upper())
+            data = buffer.getvalue()
+            target = Path(self.GRADIO_CACHE) / hashlib.sha256(data).hexdigest() / f"gradcam.{self.format}"
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                partial = target.with_name(f".{uuid.uuid4().hex}.part")
+                partial.write_bytes(data)
+                os.replace(partial, target)
+            value = str(target)
+        return super().postprocess(value)
 
 
 def info_markdown(info: dict) -> str:
@@ -72,18 +99,20 @@ def build_app(served: ServedModel, examples: list[str], max_pixels: int = DEFAUL
     with gr.Blocks(title="Clean vs Messy") as demo:
         gr.Markdown("# Clean vs Messy\nIs this room tidy or cluttered? Upload or paste a photo.")
         gr.Markdown(info_markdown(info), elem_id="model-info")
+        # image_mode=None: Gradio hands over the uploaded file untouched, so the app decodes it with
+        # the same function as the CLI and training (Gradio's own RGBA->RGB would turn alpha black).
         if served.model_card:
             with gr.Accordion("Model card", open=False):
                 gr.Markdown(served.model_card)
         with gr.Row():
             with gr.Column():
-                photo = PhotoInput(type="filepath", sources=["upload", "clipboard"], label="Room photo",
+                photo = PhotoInput(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Room photo",
                                    elem_id="photo")
                 submit = gr.Button("Classify", variant="primary", elem_id="classify")
                 gr.Examples(examples, inputs=photo, label="Examples (synthetic sample rooms)")
             with gr.Column():
                 label = gr.Label(num_top_classes=len(served.class_names), label="Prediction", elem_id="label")
-                heat = gr.Image(type="pil", label='Grad-CAM: regions that drove the "messy" score',
+                heat = HeatMapOutput(type="pil", label='Grad-CAM: regions that drove the "messy" score',
                                 elem_id="heatmap", interactive=False)
         submit.click(classify, photo, [label, heat], api_name="predict")
         gr.api(model_info, api_name="model_info")

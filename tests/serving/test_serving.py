@@ -1,0 +1,209 @@
+"""The served model, end to end: a real `cleanmessy serve` (Gradio) on a loopback port, against the
+model registered by the tiny real pipeline run; called with gradio_client, the predict CLI, and a
+real browser (Playwright driving Debian's Chromium)."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from conftest import run, serving
+
+pytestmark = pytest.mark.slow
+CHROMIUM = Path("/usr/bin/chromium")
+MAX_PIXELS = 1_000_000  # the test server's pixel budget
+
+
+@pytest.fixture(scope="module")
+def app(tiny_project):
+    """One server for the module, with a small pixel budget so the over-budget case is cheap."""
+    project, _ = tiny_project
+    with serving(project, "--stage", "production", "--max-pixels", str(MAX_PIXELS)) as url:
+        yield project, url
+
+
+@pytest.fixture(scope="module")
+def photos(tiny_project, tmp_path_factory) -> dict[str, Path]:
+    """Test photos in the shapes users send: the pipeline's own test images, plus RGBA, grayscale,
+    palette and EXIF-rotated JPEG versions of one."""
+    project, _ = tiny_project
+    test = pd.read_csv(project / "data/splits/test.csv")
+    folder = tmp_path_factory.mktemp("photos")
+    out = {}
+    for label in ("clean", "messy"):
+        out[label] = project / test[test["label"] == label]["path"].iloc[0]
+    base = Image.open(out["messy"]).convert("RGB").resize((120, 90))
+    base.convert("RGBA").save(folder / "rgba.png")
+    base.convert("L").save(folder / "gray.png")
+    base.convert("P").save(folder / "palette.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    base.save(folder / "rotated.jpg", exif=exif)
+    out.update({name: folder / f"{name}.{ext}" for name, ext in
+                (("rgba", "png"), ("gray", "png"), ("palette", "png"), ("rotated", "jpg"))})
+    return out
+
+
+def cli_predictions(project: Path, files: list[Path], tmp_path: Path, *args: str) -> pd.DataFrame:
+    out = tmp_path / "preds.csv"
+    result = run(["cleanmessy", "predict", *map(str, files), "--out", str(out), *args], project, check=False)
+    assert result.returncode in (0, 1), result.stderr
+    return pd.read_csv(out, keep_default_na=False)
+
+
+def confidences(label_output: dict) -> dict[str, float]:
+    return {c["label"]: c["confidence"] for c in label_output["confidences"]}
+
+
+def test_app_and_cli_agree(app, photos, tmp_path):
+    """For every input shape, the app's label and confidences equal the predict CLI's."""
+    project, url = app
+    client = Client(url, verbose=False)
+    names = ["clean", "messy", "rgba", "gray", "palette", "rotated"]
+    cli = cli_predictions(project, [photos[n] for n in names], tmp_path)
+    assert (cli["error"] == "").all()
+    for name, (_, row) in zip(names, cli.iterrows()):
+        label, heatmap = client.predict(handle_file(str(photos[name])), api_name="/predict")
+        assert label["label"] == row["label"], name
+        for cls, conf in confidences(label).items():
+            assert conf == pytest.approx(row[cls], abs=1e-5), (name, cls)
+        with Image.open(heatmap) as heat:  # the overlay has the photo's (EXIF-corrected) size
+            with Image.open(photos[name]) as original:
+                expected = original.size[::-1] if name == "rotated" else original.size
+            assert heat.size == expected
+
+
+def test_model_info_names_the_registered_version(app):
+    """The model-info endpoint reports the version the registry holds at `production`."""
+    from mlflow import MlflowClient
+
+    project, url = app
+    info = Client(url, verbose=False).predict(api_name="/model_info")
+    store = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    version = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version_by_alias(
+        "clean-vs-messy", "production")
+    assert info["name"] == "clean-vs-messy" and info["version"] == str(version.version)
+    assert "production" in info["stages"] and info["run_id"] == version.run_id
+    assert info["test_accuracy"] == pytest.approx(float(version.tags["test_accuracy"]))
+    assert info["class_names"] == ["clean", "messy"]
+
+
+def _bad_files(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    (folder / "notes.png").write_text("this is not an image")
+    data = good.read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    Image.new("RGB", (1100, 1000), "white").save(folder / "huge.png")  # 1.1 MP > the 1 MP budget
+    return {
+        "not an image": (folder / "notes.png", "not an image"),
+        "truncated": (folder / "truncated.png", "truncated"),
+        "over budget": (folder / "huge.png", "over the budget"),
+    }
+
+
+def test_bad_uploads_get_a_clear_message_and_the_server_keeps_serving(app, photos, tmp_path):
+    """Non-image, truncated and over-budget uploads each get their own message; a good photo after
+    them is still classified."""
+    _, url = app
+    client = Client(url, verbose=False)
+    for case, (path, words) in _bad_files(tmp_path, photos["messy"]).items():
+        with pytest.raises(Exception) as error:
+            client.predict(handle_file(str(path)), api_name="/predict")
+        assert words in str(error.value), case
+    label, _ = client.predict(handle_file(str(photos["messy"])), api_name="/predict")
+    assert set(confidences(label)) == {"clean", "messy"}
+
+
+def test_concurrent_clients_are_all_answered(app, photos, tmp_path):
+    """8 clients x 25 requests against one server: every answer is correct, the server lives on."""
+    project, url = app
+    expected = cli_predictions(project, [photos["clean"], photos["messy"]], tmp_path)
+    want = dict(zip(["clean", "messy"], expected["label"]))
+    failures: list[str] = []
+
+    def client_loop(worker: int) -> None:
+        client = Client(url, verbose=False)
+        for i in range(25):
+            name = ("clean", "messy")[(worker + i) % 2]
+            try:
+                label, _ = client.predict(handle_file(str(photos[name])), api_name="/predict")
+                if label["label"] != want[name]:
+                    failures.append(f"worker {worker} request {i}: {label['label']} != {want[name]}")
+            except Exception as exc:  # noqa: BLE001 - collected and reported below
+                failures.append(f"worker {worker} request {i}: {exc!r}")
+
+    threads = [threading.Thread(target=client_loop, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not failures, failures[:5]
+    assert Client(url, verbose=False).predict(api_name="/model_info")["name"] == "clean-vs-messy"
+
+
+def test_browser_upload_shows_label_and_heat_map(app, photos, tmp_path):
+    """In Chromium: upload a photo, click Classify, see the label and the Grad-CAM image."""
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium (make test does)")
+        pytest.skip("Debian's chromium is not installed (`make test` installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    project, url = app
+    expected = cli_predictions(project, [photos["messy"]], tmp_path)["label"][0]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        expect(page.locator("#model-info")).to_contain_text("clean-vs-messy", timeout=30_000)
+        page.locator("#photo input[type=file]").set_input_files(str(photos["messy"]))
+        page.locator("#classify").click()
+        expect(page.locator("#label")).to_contain_text(expected, timeout=30_000)
+        heat = page.locator("#heatmap img")
+        expect(heat).to_be_visible(timeout=30_000)
+        assert heat.evaluate("img => img.naturalWidth") > 0
+        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        browser.close()
+
+
+def test_predict_cli_reports_bad_files_per_row(tiny_project, photos, tmp_path):
+    """A batch with bad files still classifies the good ones; each bad one has its reason."""
+    project, _ = tiny_project
+    bad = _bad_files(tmp_path, photos["messy"])
+    files = [photos["clean"], bad["not an image"][0], bad["truncated"][0], tmp_path / "missing.jpg", photos["messy"]]
+    frame = cli_predictions(project, files, tmp_path)
+    assert list(frame.columns) == ["path", "label", "clean", "messy", "error"]
+    assert len(frame) == 5
+    assert frame["error"][0] == "" and frame["error"][4] == ""
+    assert frame["error"][1].startswith("not_an_image") and frame["error"][2].startswith("truncated")
+    assert "No such file" in frame["error"][3]
+    assert frame["clean"][0] + frame["messy"][0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_accepts_version_and_legacy_stage_uris(tiny_project, photos, tmp_path):
+    """`models:/name/1` and the legacy `models:/name/Production` load through the registry."""
+    project, _ = tiny_project
+    by_version = cli_predictions(project, [photos["messy"]], tmp_path, "--model-uri", "models:/clean-vs-messy/1")
+    legacy = cli_predictions(project, [photos["messy"]], tmp_path, "--model-uri", "models:/clean-vs-messy/Production")
+    production = cli_predictions(project, [photos["messy"]], tmp_path, "--stage", "production")
+    assert by_version["label"][0] in ("clean", "messy")
+    assert legacy["messy"][0] == pytest.approx(production["messy"][0], abs=1e-6)
+
+
+def test_missing_stage_or_loose_file_is_a_clear_error(tiny_project, photos):
+    """An unknown stage names the command that registers one; a loose file path is refused."""
+    project, _ = tiny_project
+    result = run(["cleanmessy", "serve", "--stage", "nonexistent"], project, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "stage 'nonexistent'" in result.stderr and "dvc repro" in result.stderr
+    result = run(["cleanmessy", "predict", str(photos["messy"]), "--model-uri", "pipeline/model.keras"],
+                 project, check=False)
+    assert result.returncode == 2 and "loose files are not served" in result.stderr
