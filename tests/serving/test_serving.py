@@ -55,7 +55,8 @@ def cli_predictions(project: Path, files: list[Path], tmp_path: Path, *args: str
     out = tmp_path / "preds.csv"
     result = run(["cleanmessy", "predict", *map(str, files), "--out", str(out), *args], project, check=False)
     assert result.returncode in (0, 1), result.stderr
-    return pd.read_csv(out, keep_default_na=False)
+    frame = pd.read_csv(out)  # confidences stay numeric (empty = NaN for failed rows)
+    return frame.fillna({"label": "", "error": ""})
 
 
 def confidences(label_output: dict) -> dict[str, float]:
