@@ -23,6 +23,7 @@ STAGES = {
     "train": "train the classifier (params: train.*), tracked in MLflow",
     "evaluate": "test metrics, log and register the model, promote by alias",
     "plot": "figures into pipeline/plots/, logged to the MLflow run",
+    "cv": "repeated stratified k-fold cross-validation of train.* (params: cv.*) into pipeline/cv.json",
 }
 
 

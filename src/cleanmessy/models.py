@@ -36,16 +36,81 @@ def seed_cnn(n_classes: int, image_size: int, p: TrainParams, seed: int) -> kera
     return keras.Model(inputs, outputs, name="seed_cnn")
 
 
-ARCHITECTURES = {"seed_cnn": seed_cnn}
+def _backbone_class(arch: str):
+    from keras.applications import MobileNet, MobileNetV2
+
+    return {"mobilenet": MobileNet, "mobilenet_v2": MobileNetV2}[arch]
+
+
+def transfer(n_classes: int, image_size: int, p: TrainParams, seed: int) -> keras.Model:
+    """An ImageNet backbone (MobileNet v1 or v2, width `train.alpha`) under a new softmax head.
+
+    The backbone's own preprocessing (x / 127.5 - 1) is a layer of the model, and the backbone is
+    built on the model's tensors (not nested), so every layer, the last convolution included, is
+    reachable for Grad-CAM. `backbone_layers` lists its layers.
+    """
+    from cleanmessy.weights import find_local, missing_message
+
+    inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
+    x = layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)  # mobilenet's preprocess_input
+    for layer in augmentation(p.augment, seed):
+        x = layer(x)
+    weights = None
+    if p.weights == "imagenet":
+        local = find_local(p.arch, p.alpha, image_size)
+        weights = str(local) if local else "imagenet"
+    try:
+        backbone = _backbone_class(p.arch)(input_tensor=x, input_shape=(image_size, image_size, 3),
+                                             include_top=False, alpha=p.alpha, weights=weights)
+    except Exception as exc:  # Keras raises plain Exception when a download fails
+        if weights == "imagenet" and ("URL" in str(exc) or isinstance(exc, OSError)):
+            from cleanmessy.errors import UserError
+
+            raise UserError(missing_message(p.arch, p.alpha, image_size, exc)) from None
+        raise
+    features = layers.GlobalAveragePooling2D(name="pool")(backbone.output)
+    head = features
+    if p.dropout > 0:
+        head = layers.Dropout(p.dropout, seed=seed, name="dropout")(head)
+    outputs = layers.Dense(n_classes, activation="softmax", name="probabilities")(head)
+    model = keras.Model(inputs, outputs, name=f"{p.arch}_{p.alpha:g}")
+    for layer in backbone_layers(model):
+        layer.trainable = False
+    return model
+
+
+def backbone_layers(model: keras.Model) -> list[layers.Layer]:
+    """The backbone's layers: everything between the preprocessing/augmentation and the pooling."""
+    skip = {"image", "preprocess", "flip", "rotation", "pool", "dropout", "probabilities"}
+    return [layer for layer in model.layers if layer.name not in skip]
+
+
+def unfreeze_top(model: keras.Model, n_layers: int) -> int:
+    """Make the top `n_layers` backbone layers trainable (batch-norm layers stay frozen, so their
+    statistics keep their ImageNet values); returns how many layers now train."""
+    top = backbone_layers(model)[-n_layers:] if n_layers else []
+    count = 0
+    for layer in top:
+        if not isinstance(layer, layers.BatchNormalization):
+            layer.trainable = True
+            count += 1
+    return count
+
+
+def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
+def is_transfer(p: TrainParams) -> bool:
+    return p.arch != "seed_cnn"
+
+
+ARCHITECTURES = {"seed_cnn": seed_cnn, "mobilenet": transfer, "mobilenet_v2": transfer}
 
 
 def build_model(n_classes: int, image_size: int, p: TrainParams, seed: int) -> keras.Model:
     """The architecture `train.arch` names, compiled with Adam and sparse cross-entropy."""
     keras.utils.set_random_seed(seed)
-    model = ARCHITECTURES[p.arch](n_classes, image_size, p, seed)
-    model.compile(
-        optimizer=keras.optimizers.Adam(p.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    return model
+    return compile_model(ARCHITECTURES[p.arch](n_classes, image_size, p, seed), p.learning_rate)

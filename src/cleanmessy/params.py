@@ -43,7 +43,7 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    arch: Literal["seed_cnn"] = "seed_cnn"
+    arch: Literal["seed_cnn", "mobilenet", "mobilenet_v2"] = "seed_cnn"
     epochs: int = 15
     batch_size: int = 32
     learning_rate: float = 0.001
@@ -52,12 +52,25 @@ class TrainParams:
     dense_units: int = 64
     dropout: float = 0.0
     augment: AugmentParams = field(default_factory=AugmentParams)
+    # Transfer learning (arch mobilenet / mobilenet_v2): a new head on a frozen ImageNet backbone,
+    # then optionally the top `fine_tune_layers` layers of the backbone trained at a lower rate.
+    alpha: float = 0.25  # backbone width: mobilenet 0.25/0.5/0.75/1.0, mobilenet_v2 0.35/0.5/0.75/1.0/1.3/1.4
+    weights: Literal["imagenet", "none"] = "imagenet"
+    fine_tune_layers: int = 0
+    fine_tune_epochs: int = 10
+    fine_tune_learning_rate: float = 0.00001
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     model_name: str = "clean-vs-messy"  # registered model name in the MLflow registry
     min_accuracy: float = 0.8  # test accuracy a version needs before it may become `production`
+
+
+@dataclass(frozen=True)
+class CvParams:
+    folds: int = 5  # `cleanmessy cv`: repeated stratified k-fold over all ingested images
+    repeats: int = 2
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     plot: PlotParams = field(default_factory=PlotParams)
+    cv: CvParams = field(default_factory=CvParams)
 
 
 def _check_fractions(p: Params) -> None:
@@ -103,6 +117,13 @@ def _check_fractions(p: Params) -> None:
         raise UserError("params.yaml: train.filters must be a non-empty list of positive integers")
     if not 0 <= p.train.dropout < 1:
         raise UserError(f"params.yaml: train.dropout must be in [0, 1), got {p.train.dropout}")
+    if p.cv.folds < 2 or p.cv.repeats < 1:
+        raise UserError("params.yaml: cv.folds must be at least 2 and cv.repeats at least 1")
+    if p.train.fine_tune_layers < 0 or p.train.fine_tune_epochs < 0:
+        raise UserError("params.yaml: train.fine_tune_layers and train.fine_tune_epochs must be >= 0")
+    from cleanmessy.weights import check_alpha
+
+    check_alpha(p.train.arch, p.train.alpha)
     if not 0 <= p.evaluate.min_accuracy <= 1:
         raise UserError("params.yaml: evaluate.min_accuracy must be in [0, 1]")
 

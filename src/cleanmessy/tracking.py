@@ -110,16 +110,20 @@ class _KerasFlavor:
     __name__ = "mlflow.keras"
 
     @staticmethod
-    def save_model(path: str, **kwargs: Any) -> None:
+    def save_model(path: str, extra_files: dict[str, str] | None = None, **kwargs: Any) -> None:
         import mlflow.keras
 
         os.makedirs(path, exist_ok=True)
         mlflow.keras.save_model(path=path, **kwargs)
+        for name, text in (extra_files or {}).items():  # e.g. the model card, beside MLmodel
+            Path(path, name).write_text(text)
 
 
-def log_keras_model(model: Any, example: Any, prediction: Any, metadata: dict[str, Any]) -> Any:
+def log_keras_model(model: Any, example: Any, prediction: Any, metadata: dict[str, Any],
+                    extra_files: dict[str, str] | None = None) -> Any:
     """Log `model` to the active run (name "model") with signature, input example, pinned
-    requirements and `metadata` (class names, image size) in its MLmodel; returns the ModelInfo."""
+    requirements, `metadata` (class names, image size) in its MLmodel and `extra_files` (name ->
+    text) beside it; returns the ModelInfo."""
     from mlflow.models import Model, infer_signature
 
     return Model.log(
@@ -132,6 +136,7 @@ def log_keras_model(model: Any, example: Any, prediction: Any, metadata: dict[st
         input_example=example,
         pip_requirements=pip_requirements(),
         metadata=metadata,
+        extra_files=extra_files,
     )
 
 

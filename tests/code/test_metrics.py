@@ -147,7 +147,8 @@ def test_mlflow_metrics_flat_names():
     """The MLflow names are flat `test_*`, one per scalar and per class x (precision, recall, f1)."""
     m = compute_metrics(HAND_Y, HAND_P, CLASSES)
     flat = mlflow_metrics(m)
-    expected = {"test_loss", "test_accuracy", "test_macro_f1", "test_roc_auc"} | {
+    expected = {"test_loss", "test_accuracy", "test_accuracy_ci95_low", "test_accuracy_ci95_high",
+                "test_macro_f1", "test_roc_auc"} | {
         f"test_{name}_{c}" for c in CLASSES for name in ("precision", "recall", "f1")}
     assert set(flat) == expected
     assert flat["test_accuracy"] == pytest.approx(0.8)
@@ -166,7 +167,7 @@ def test_mlflow_metrics_omit_missing_auc():
     assert m["roc_auc"] is None
     flat = mlflow_metrics(m)
     assert "test_roc_auc" not in flat
-    assert len(flat) == 3 + 3 * len(CLASSES)
+    assert len(flat) == 5 + 3 * len(CLASSES)  # loss, accuracy + its interval, macro F1
     assert flat["test_accuracy"] == 0.5
 
 

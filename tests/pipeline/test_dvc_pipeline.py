@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -212,3 +213,37 @@ def test_dvc_exp_run_tags_the_mlflow_run(tiny_project):
     mlflow_run = client(project).get_run(run_info(project)["run_id"])
     assert mlflow_run.data.tags["dvc_exp_name"] == "lr-test"
     assert mlflow_run.data.params["train.learning_rate"] == "0.002"
+
+
+def test_registered_version_carries_a_model_card(tiny_project):
+    """The model card is logged inside the registered model, with the test interval and the data hash."""
+    import mlflow
+
+    project, _ = tiny_project
+    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}@staging")
+    card = (Path(local) / "model_card.md").read_text()
+    metrics = json.loads((project / "pipeline/metrics.json").read_text())["test"]
+    assert f"95 % Wilson interval **[{metrics['accuracy_ci95_low']:.3f}, {metrics['accuracy_ci95_high']:.3f}]**" in card
+    assert hashlib.sha256((project / "data/manifest.csv").read_bytes()).hexdigest() in card
+    assert "Known limits" in card
+
+
+def test_cv_logs_a_parent_run_with_one_child_per_fold(tiny_project):
+    """`cleanmessy cv` (2 folds x 1 repeat) writes pipeline/cv.json and logs a parent run whose
+    children are the folds."""
+    project, _ = tiny_project
+    set_params(project, {"cv": {"folds": 2, "repeats": 1}})
+    run(["cleanmessy", "cv"], project)
+    report = json.loads((project / "pipeline/cv.json").read_text())
+    assert [(f["repeat"], f["fold"]) for f in report["folds"]] == [(0, 0), (0, 1)]
+    summary = report["summary"]
+    assert summary["accuracy_ci95_low"] <= summary["accuracy_mean"] <= summary["accuracy_ci95_high"]
+    mlflow_client = client(project)
+    parent = mlflow_client.get_run(report["run_id"])
+    assert parent.data.metrics["cv_accuracy_mean"] == pytest.approx(summary["accuracy_mean"])
+    children = mlflow_client.search_runs([parent.info.experiment_id],
+                                         f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.metrics["test_accuracy"] for c in children) == sorted(f["accuracy"] for f in report["folds"])

@@ -94,6 +94,7 @@ def test_model_info_names_the_registered_version(app):
     assert "production" in info["stages"] and info["run_id"] == version.run_id
     assert info["test_accuracy"] == pytest.approx(float(version.tags["test_accuracy"]))
     assert info["class_names"] == ["clean", "messy"]
+    assert info["model_card"].startswith("# Model card: clean-vs-messy")  # shown in the app's model panel
 
 
 def _bad_files(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:

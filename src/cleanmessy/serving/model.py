@@ -85,4 +85,4 @@ class ServedModel:
         v = self.version
         return {"name": v.name, "version": v.version, "stages": v.aliases, "test_accuracy": v.test_accuracy,
                 "run_id": v.run_id, "uri": v.uri, "class_names": self.class_names, "image_size": self.image_size,
-                "promotion": v.description}
+                "promotion": v.description, "model_card": self.model_card}

@@ -14,9 +14,10 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from cleanmessy import tracking
+from cleanmessy.card import render_card, wilson_interval
 from cleanmessy.errors import UserError
 from cleanmessy.inputs import image_read_errors, label_indices, make_dataset, read_split
-from cleanmessy.params import Params
+from cleanmessy.params import Params, flatten
 from cleanmessy.project import Paths
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,14 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str
     else:
         auc = float(roc_auc_score(y_true, probs, multi_class="ovr", labels=labels))
     matrix = confusion_matrix(y_true, y_pred, labels=labels)
+    correct = int(np.sum(y_pred == y_true))
+    low, high = wilson_interval(correct, len(y_true))
     return {
         "n": int(len(y_true)),
         "loss": loss,
-        "accuracy": float(np.mean(y_pred == y_true)),
+        "accuracy": correct / len(y_true),
+        "accuracy_ci95_low": low,  # Wilson score interval: 29/30 is not "97 %" without its error bar
+        "accuracy_ci95_high": high,
         "roc_auc": auc,
         "macro_f1": float(np.mean(f1)),
         "per_class": {
@@ -56,7 +61,8 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str
 
 def mlflow_metrics(test: dict[str, Any]) -> dict[str, float]:
     """The flat `test_*` metric names shown in the MLflow UI's run table."""
-    out = {f"test_{k}": float(test[k]) for k in ("loss", "accuracy", "macro_f1") if test[k] is not None}
+    keys = ("loss", "accuracy", "accuracy_ci95_low", "accuracy_ci95_high", "macro_f1")
+    out = {f"test_{k}": float(test[k]) for k in keys if test[k] is not None}
     if test["roc_auc"] is not None:
         out["test_roc_auc"] = test["roc_auc"]
     for c, m in test["per_class"].items():
@@ -70,6 +76,20 @@ def prediction_frame(frame: pd.DataFrame, probs: np.ndarray, class_names: list[s
     for i, c in enumerate(class_names):
         out[f"p_{c}"] = probs[:, i]
     return out
+
+
+def data_summary(paths: Paths, params: Params) -> dict[str, Any]:
+    """What the model card says about the data."""
+    from cleanmessy.stages.ingest import manifest_hash
+
+    manifest = pd.read_csv(paths.manifest, keep_default_na=False)
+    return {
+        "source": params.ingest.source,
+        "n_images": len(manifest),
+        "classes": manifest["label"].value_counts().sort_index().to_dict(),
+        "split_sizes": {s: len(read_split(paths.split_csv(s))) for s in ("train", "val", "test")},
+        "manifest_sha256": manifest_hash(paths.manifest),
+    }
 
 
 def main(paths: Paths, params: Params) -> None:
@@ -87,12 +107,18 @@ def main(paths: Paths, params: Params) -> None:
         with image_read_errors():
             probs = model.predict(ds, verbose=0)
         test = compute_metrics(label_indices(test_frame, run.class_names), probs, run.class_names)
-        log.info("evaluate: test accuracy %.4f on %d images, loss %.4f", test["accuracy"], test["n"], test["loss"])
+        log.info("evaluate: test accuracy %.4f [%.4f, %.4f] on %d images, loss %.4f", test["accuracy"],
+             test["accuracy_ci95_low"], test["accuracy_ci95_high"], test["n"], test["loss"])
         mlflow.log_metrics(mlflow_metrics(test))
         mlflow.log_dict({"test": test}, "metrics.json")
+        train_params = {"base.image_size": params.base.image_size,
+                        **{k: v for k, v in flatten(params).items() if k.startswith("train.")}}
+        card = render_card(name, data_summary(paths, params), train_params, test)
+        mlflow.log_text(card, "model_card.md")
         example = next(iter(ds.unbatch().batch(1).take(1)))[0].numpy()
         info = tracking.log_keras_model(model, example, model.predict(example, verbose=0),
-                                        {"class_names": run.class_names, "image_size": run.image_size})
+                                        {"class_names": run.class_names, "image_size": run.image_size},
+                                        extra_files={"model_card.md": card})
         tags = {"run_id": run.run_id, "class_names": ",".join(run.class_names),
                 "min_accuracy": str(min_acc), **mlflow.get_run(run.run_id).data.tags}
         tags = {k: v for k, v in tags.items() if not k.startswith("mlflow.")}

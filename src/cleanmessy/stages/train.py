@@ -6,15 +6,18 @@ Opens the MLflow run that evaluate and plot add to: all params, lineage tags, pe
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 
 import keras
 import mlflow
+import numpy as np
 import pandas as pd
 
 from cleanmessy import tracking
-from cleanmessy.inputs import image_read_errors, make_dataset, read_split
-from cleanmessy.models import build_model
-from cleanmessy.params import Params, flatten
+from cleanmessy.inputs import image_read_errors, label_indices, make_dataset, read_split
+from cleanmessy.models import build_model, compile_model, is_transfer, unfreeze_top
+from cleanmessy.params import Params, TrainParams, flatten
 from cleanmessy.project import Paths
 from cleanmessy.stages.ingest import manifest_hash
 
@@ -22,29 +25,89 @@ log = logging.getLogger(__name__)
 
 
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Per-epoch metrics into the active MLflow run (step = epoch number, from 1)."""
+    """Per-epoch metrics into the active MLflow run (step = epoch number over all phases, from 1)."""
+
+    def __init__(self, first_epoch: int = 1) -> None:
+        super().__init__()
+        self.first_epoch = first_epoch
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
+        mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=self.first_epoch + epoch)
 
 
-def fit(model: keras.Model, train_ds, val_ds, epochs: int, patience: int,
-        callbacks: list[keras.callbacks.Callback] = ()) -> pd.DataFrame:
+def fit(model: keras.Model, train_ds, val_ds, epochs: int, patience: int, phase: str = "train",
+        first_epoch: int = 1, log_to_mlflow: bool = True) -> pd.DataFrame:
     """Train with early stopping on val loss, keeping the best epoch's weights; the history."""
-    stop = keras.callbacks.EarlyStopping("val_loss", patience=patience, restore_best_weights=True)
-    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=2,
-                        callbacks=[stop, *callbacks])
+    callbacks: list = [keras.callbacks.EarlyStopping("val_loss", patience=patience, restore_best_weights=True)]
+    if log_to_mlflow:
+        callbacks.append(MlflowEpochLogger(first_epoch))
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=2, callbacks=callbacks)
     frame = pd.DataFrame(history.history)
-    frame.insert(0, "epoch", range(1, len(frame) + 1))
+    frame.insert(0, "epoch", range(first_epoch, first_epoch + len(frame)))
+    frame.insert(1, "phase", phase)
     return frame
+
+
+def fit_head_on_features(model: keras.Model, train_images, val_images, labels: tuple[np.ndarray, np.ndarray],
+                         p: TrainParams, seed: int, log_to_mlflow: bool = True) -> pd.DataFrame:
+    """Phase 1 with a frozen backbone and no augmentation: the backbone sees every image once,
+    and only the head trains, on the cached features. Same result as training the whole model
+    with the backbone frozen, at the cost of one forward pass instead of one per epoch."""
+    import tensorflow as tf
+
+    extractor = keras.Model(model.inputs, model.get_layer("pool").output)
+    train_x, val_x = extractor.predict(train_images, verbose=0), extractor.predict(val_images, verbose=0)
+    features = keras.Input((train_x.shape[1],), name="features")
+    head_out = features
+    if "dropout" in {layer.name for layer in model.layers}:
+        head_out = model.get_layer("dropout")(head_out)
+    head = compile_model(keras.Model(features, model.get_layer("probabilities")(head_out)), p.learning_rate)
+    train_ds = (tf.data.Dataset.from_tensor_slices((train_x, labels[0]))
+                .shuffle(len(train_x), seed=seed).batch(p.batch_size))
+    val_ds = tf.data.Dataset.from_tensor_slices((val_x, labels[1])).batch(p.batch_size)
+    return fit(head, train_ds, val_ds, p.epochs, p.patience, "head", log_to_mlflow=log_to_mlflow)
+
+
+def fine_tune(model: keras.Model, train_ds, val_ds, p: TrainParams, history: pd.DataFrame,
+              log_to_mlflow: bool = True) -> pd.DataFrame:
+    """Phase 2: the top of the backbone trains too, at `fine_tune_learning_rate`. If no epoch beats
+    phase 1's best val loss, phase 1's weights are put back."""
+    before = model.get_weights()
+    best_before = float(history["val_loss"].min())
+    trainable = unfreeze_top(model, p.fine_tune_layers)
+    log.info("train: fine-tuning the top %d backbone layers (%d trainable)", p.fine_tune_layers, trainable)
+    compile_model(model, p.fine_tune_learning_rate)
+    tuned = fit(model, train_ds, val_ds, p.fine_tune_epochs, p.patience, "fine_tune",
+                first_epoch=len(history) + 1, log_to_mlflow=log_to_mlflow)
+    if tuned["val_loss"].min() > best_before:
+        log.info("train: fine-tuning did not beat the head's val_loss %.4f; keeping the head's weights", best_before)
+        model.set_weights(before)
+    return pd.concat([history, tuned], ignore_index=True)
+
+
+def train_model(model: keras.Model, train_frame: pd.DataFrame, val_frame: pd.DataFrame, root: Path,
+                class_names: list[str], image_size: int, p: TrainParams, seed: int,
+                log_to_mlflow: bool = True) -> pd.DataFrame:
+    """All training phases `train.*` asks for; returns the history (one row per epoch)."""
+    train_ds = make_dataset(train_frame, root, class_names, image_size, p.batch_size, shuffle_seed=seed)
+    val_ds = make_dataset(val_frame, root, class_names, image_size, p.batch_size)
+    augmenting = p.augment.flip != "none" or p.augment.rotation > 0
+    with image_read_errors():
+        if is_transfer(p) and not augmenting:
+            ordered = make_dataset(train_frame, root, class_names, image_size, p.batch_size)
+            labels = (label_indices(train_frame, class_names), label_indices(val_frame, class_names))
+            history = fit_head_on_features(model, ordered, val_ds, labels, p, seed, log_to_mlflow)
+        else:
+            history = fit(model, train_ds, val_ds, p.epochs, p.patience, log_to_mlflow=log_to_mlflow)
+        if is_transfer(p) and p.fine_tune_layers > 0 and p.fine_tune_epochs > 0:
+            history = fine_tune(model, train_ds, val_ds, p, history, log_to_mlflow)
+    return history
 
 
 def main(paths: Paths, params: Params) -> None:
     b, p = params.base, params.train
     train_frame, val_frame = read_split(paths.split_csv("train")), read_split(paths.split_csv("val"))
     class_names = sorted(set(train_frame["label"]))
-    train_ds = make_dataset(train_frame, paths.root, class_names, b.image_size, p.batch_size, shuffle_seed=b.seed)
-    val_ds = make_dataset(val_frame, paths.root, class_names, b.image_size, p.batch_size)
     model = build_model(len(class_names), b.image_size, p, b.seed)
 
     experiment_id = tracking.setup(paths)
@@ -57,8 +120,9 @@ def main(paths: Paths, params: Params) -> None:
                            if k.split(".")[0] in ("base", "ingest", "split", "train")})
         mlflow.log_params({"n_train": len(train_frame), "n_val": len(val_frame),
                            "class_names": ",".join(class_names)})
-        with image_read_errors():
-            history = fit(model, train_ds, val_ds, p.epochs, p.patience, [MlflowEpochLogger()])
+        started = time.perf_counter()
+        history = train_model(model, train_frame, val_frame, paths.root, class_names, b.image_size, p, b.seed)
+        mlflow.log_metric("train_seconds", time.perf_counter() - started)
         best = int(history["val_loss"].idxmin())
         mlflow.log_metrics({"best_epoch": best + 1, "epochs_run": len(history)})
         paths.model.parent.mkdir(parents=True, exist_ok=True)

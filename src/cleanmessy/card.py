@@ -1,0 +1,62 @@
+"""The model card: a markdown page logged inside every registered model, shown by the app."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+KNOWN_LIMITS = """\
+- Trained on few photos: test accuracy on 20–30 images moves 3–5 points per image. Read the
+  interval, not the point estimate.
+- In the public clean/messy room photos, clean rooms are often staged interior shots and messy
+  ones lived-in snapshots: a model can learn "staged vs lived-in" instead of clutter. Check the
+  per-class recall and the Grad-CAM heat maps in the app.
+- Labels are borderline for some rooms (a few toys on a tidy floor count as messy).
+- The model sees the photo squashed to a square of the input size; tiny clutter may vanish.
+- Not for decisions about people: it classifies rooms, not their occupants."""
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion (sound for small n and for 0 or n successes)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def render_card(name: str, data: dict[str, Any], train: dict[str, Any], test: dict[str, Any]) -> str:
+    """Markdown for `name`: the data (source, counts, manifest hash), the architecture and its
+    params, test metrics with their interval, per-class recall, and known limits."""
+    lo, hi = test["accuracy_ci95_low"], test["accuracy_ci95_high"]
+    correct = round(test["accuracy"] * test["n"])
+    auc = "n/a" if test["roc_auc"] is None else f"{test['roc_auc']:.3f}"
+    rows = "\n".join(f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+                     for c, m in test["per_class"].items())
+    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in train.items())
+    counts = ", ".join(f"{split}: {n}" for split, n in data["split_sizes"].items())
+    return f"""# Model card: {name}
+
+## Data
+- Source: `{data['source']}`
+- Images: {data['n_images']} ({', '.join(f'{c}: {n}' for c, n in data['classes'].items())}); splits {counts}
+- Manifest sha256: `{data['manifest_sha256']}`
+
+## Model
+| param | value |
+|---|---|
+{params}
+
+## Test results ({test['n']} images)
+- Accuracy **{test['accuracy']:.3f}** ({correct}/{test['n']}), 95 % Wilson interval **[{lo:.3f}, {hi:.3f}]**
+- ROC AUC {auc}, macro F1 {test['macro_f1']:.3f}, loss {test['loss']:.4f}
+
+| class | precision | recall | F1 | support |
+|---|---|---|---|---|
+{rows}
+
+## Known limits
+{KNOWN_LIMITS}
+"""
