@@ -34,8 +34,7 @@ def setup(paths: Paths) -> str:
     uri = tracking_uri(paths)
     if uri.startswith("sqlite:///"):
         paths.mlruns.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    _point_to(uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
@@ -204,12 +203,13 @@ _MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<ref
 def use_store(start: Path | None = None) -> str:
     """Point MLflow at the configured store without creating anything: `MLFLOW_TRACKING_URI`, or
     the SQLite store of the project found from `start` (default: cwd). Returns the URI."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        uri = os.environ["MLFLOW_TRACKING_URI"]
-    else:
-        from cleanmessy.project import project_paths
+    from cleanmessy.project import project_paths
 
-        uri = tracking_uri(project_paths(start))
+    return _point_to(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(project_paths(start)))
+
+
+def _point_to(uri: str) -> str:
+    """Runs and the registry live in the same store."""
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
