@@ -160,8 +160,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise UserError(f"params.yaml: {prefix} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    names = [f.name for f in dataclasses.fields(cls)]  # in declaration order: stable messages
+    unknown = sorted(set(raw) - set(names))
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise UserError(

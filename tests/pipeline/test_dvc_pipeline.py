@@ -156,7 +156,7 @@ def test_bad_params_give_a_message_naming_the_key(tiny_project):
     project, _ = tiny_project
     params = project / "params.yaml"
     original = params.read_text()
-    params.write_text(original.replace("epochs: 1", "epochs: ten"))
+    params.write_text(re.sub(r"(?m)^  epochs: 1$", "  epochs: ten", original))
     try:
         result = run(["cleanmessy", "train"], project, check=False)
     finally:
