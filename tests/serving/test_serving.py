@@ -4,7 +4,6 @@ real browser (Playwright driving Debian's Chromium)."""
 
 from __future__ import annotations
 
-import io
 import os
 import threading
 from pathlib import Path
