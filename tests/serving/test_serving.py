@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -208,3 +210,17 @@ def test_missing_stage_or_loose_file_is_a_clear_error(tiny_project, photos):
     result = run(["cleanmessy", "predict", str(photos["messy"]), "--model-uri", "pipeline/model.keras"],
                  project, check=False)
     assert result.returncode == 2 and "loose files are not served" in result.stderr
+
+
+def test_auth_protects_the_app(tiny_project, photos):
+    """With --auth, the API refuses an anonymous client and answers a logged-in one."""
+    project, _ = tiny_project
+    with serving(project, "--auth", "alice:s3cret") as url:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}config", timeout=10)
+        assert refused.value.code == 401
+        with pytest.raises(Exception):  # noqa: B017 - gradio_client raises its own error types
+            Client(url, verbose=False).predict(api_name="/model_info")
+        client = Client(url, auth=("alice", "s3cret"), verbose=False)
+        label, _ = client.predict(handle_file(str(photos["messy"])), api_name="/predict")
+        assert set(confidences(label)) == {"clean", "messy"}
