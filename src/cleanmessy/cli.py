@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from cleanmessy.errors import UserError
+from cleanmessy.images import DEFAULT_MAX_PIXELS
 
 # Quiet TensorFlow's C++ start-up chatter, and keep MLflow and Gradio from phoning home (their
 # telemetry); set before they are imported. The user's own environment wins.
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--public", action="store_true", help="bind 0.0.0.0: reachable from other machines")
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--auth", help="user:password for a login page (or set CLEANMESSY_AUTH)")
-    serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest photo accepted, in pixels")
+    serve.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest photo accepted, in pixels")
     serve.set_defaults(func=_serve)
     return parser
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,8 +142,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise UserError(f"params.yaml: {key} must be a list, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported annotation for {key}")  # none used; keeps the checker honest
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is str and value is None:

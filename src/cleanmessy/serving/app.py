@@ -99,13 +99,13 @@ def build_app(served: ServedModel, examples: list[str], max_pixels: int = DEFAUL
     with gr.Blocks(title="Clean vs Messy") as demo:
         gr.Markdown("# Clean vs Messy\nIs this room tidy or cluttered? Upload or paste a photo.")
         gr.Markdown(info_markdown(info), elem_id="model-info")
-        # image_mode=None: Gradio hands over the uploaded file untouched, so the app decodes it with
-        # the same function as the CLI and training (Gradio's own RGBA->RGB would turn alpha black).
         if served.model_card:
             with gr.Accordion("Model card", open=False):
                 gr.Markdown(served.model_card)
         with gr.Row():
             with gr.Column():
+                # image_mode=None: Gradio hands over the uploaded file untouched, so the app decodes it
+                # with the same function as the CLI and training (Gradio's RGBA->RGB turns alpha black).
                 photo = PhotoInput(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Room photo",
                                    elem_id="photo")
                 submit = gr.Button("Classify", variant="primary", elem_id="classify")
