@@ -248,7 +248,7 @@ def resolve_version(model_uri: str) -> RegisteredVersion:
             alias = (alias or ref).lower()
             version = client.get_model_version_by_alias(name, alias)
     except MlflowException:
-        what = f"version {ref}" if ref and ref.isdigit() else f"a version at stage '{alias}'"
+        what = f"version {ref}" if ref and ref.isdigit() else f"version at stage '{alias}'"
         raise UserError(f"the registry at {mlflow.get_registry_uri()} has no {what} of model '{name}'; "
                         "`dvc repro` (or `cleanmessy evaluate`) registers one and promotes it") from None
     accuracy = version.tags.get("test_accuracy")
