@@ -38,14 +38,13 @@ test: setup browser
 serve: setup
 	$(RUN) cleanmessy serve --stage production
 
-# The best configuration for real photos, as a DVC experiment: make real SOURCE=path/to/photos
-# (a folder of <class>/<image>, e.g. the Kaggle messy-vs-clean-room download's images/).
-REAL_PARAMS := -S base.image_size=224 -S train.arch=mobilenet -S train.alpha=0.25 -S train.weights=imagenet \
-	-S train.dropout=0.5 -S train.epochs=100 -S train.patience=10 -S train.learning_rate=0.001 \
-	-S train.augment.flip=none -S train.augment.rotation=0
+# The best configuration for real photos (experiments/real-photos.yaml), as a DVC experiment:
+# make real SOURCE=path/to/photos (a folder of <class>/<image>, e.g. the Kaggle
+# messy-vs-clean-room download's images/).
 real: setup
 	@test -n "$(SOURCE)" || { echo "usage: make real SOURCE=path/to/photos"; exit 2; }
-	$(RUN) dvc exp run -S ingest.source=$(SOURCE) $(REAL_PARAMS)
+	flags="$$($(RUN) cleanmessy exp-flags experiments/real-photos.yaml)" && \
+	set -f && $(RUN) dvc exp run -S ingest.source=$(SOURCE) $$flags  # set -f: no globbing of [[...]]
 
 # The MLflow UI over the project's store: http://127.0.0.1:5000
 ui: setup

@@ -38,6 +38,13 @@ def _run_stage(args: argparse.Namespace) -> None:
     module.main(paths, params)
 
 
+def _exp_flags(args: argparse.Namespace) -> None:
+    from cleanmessy.params import exp_flags, load_changes
+    from cleanmessy.project import project_paths
+
+    print(" ".join(exp_flags(load_changes(args.file, project_paths().params))))
+
+
 def _model_uri(args: argparse.Namespace) -> str:
     """`--model-uri` as given, else the registered model at `--stage` (`models:/name@stage`); the
     name is --model-name, else the project's evaluate.model_name, else the default."""
@@ -105,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--auth", help="user:password for a login page (or set CLEANMESSY_AUTH)")
     serve.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest photo accepted, in pixels")
     serve.set_defaults(func=_serve)
+
+    flags = sub.add_parser("exp-flags", help="print a params changes file as `dvc exp run -S` flags",
+                           description="Check a params changes file (e.g. experiments/real-photos.yaml) "
+                                       "against params.yaml and print it as `-S key=value` flags: "
+                                       "dvc exp run $(cleanmessy exp-flags FILE)")
+    flags.add_argument("file", type=Path, metavar="FILE")
+    flags.set_defaults(func=_exp_flags)
     return parser
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from cleanmessy.layers import MultiView, ViewStack, view_boxes
 from cleanmessy.params import AugmentParams, TrainParams
 
 
@@ -47,29 +48,36 @@ def transfer(n_classes: int, image_size: int, p: TrainParams, seed: int) -> kera
 
     The backbone's own preprocessing (x / 127.5 - 1) is a layer of the model, and the backbone is
     built on the model's tensors (not nested), so every layer, the last convolution included, is
-    reachable for Grad-CAM. `backbone_layers` lists its layers.
+    reachable for Grad-CAM. `backbone_layers` lists its layers. Between preprocessing and backbone,
+    `views` turns each photo into the views `train.views` asks for (at least the whole photo, at
+    `train.views.size`); after pooling, `view_features` stacks each photo's views and `view_mean`
+    averages them for the head.
     """
     from cleanmessy.weights import find_local, missing_message
 
+    view_size = p.views.size or image_size
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
     x = layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)  # mobilenet's preprocess_input
     for layer in augmentation(p.augment, seed):
         x = layer(x)
+    multi_view = MultiView(view_boxes(p.views.crop_grids()), view_size, p.views.flip, name="views")
+    x = multi_view(x)
     weights = None
     if p.weights == "imagenet":
-        local = find_local(p.arch, p.alpha, image_size)
+        local = find_local(p.arch, p.alpha, view_size)
         weights = str(local) if local else "imagenet"
     try:
-        backbone = _backbone_class(p.arch)(input_tensor=x, input_shape=(image_size, image_size, 3),
+        backbone = _backbone_class(p.arch)(input_tensor=x, input_shape=(view_size, view_size, 3),
                                              include_top=False, alpha=p.alpha, weights=weights)
     except Exception as exc:  # Keras raises plain Exception when a download fails
         if weights == "imagenet" and ("URL" in str(exc) or isinstance(exc, OSError)):
             from cleanmessy.errors import UserError
 
-            raise UserError(missing_message(p.arch, p.alpha, image_size, exc)) from None
+            raise UserError(missing_message(p.arch, p.alpha, view_size, exc)) from None
         raise
-    features = layers.GlobalAveragePooling2D(name="pool")(backbone.output)
-    head = features
+    pooled = layers.GlobalAveragePooling2D(name="pool")(backbone.output)
+    per_view = ViewStack(multi_view.n_views, name="view_features")(pooled)
+    head = layers.GlobalAveragePooling1D(name="view_mean")(per_view)
     if p.dropout > 0:
         head = layers.Dropout(p.dropout, seed=seed, name="dropout")(head)
     outputs = layers.Dense(n_classes, activation="softmax", name="probabilities")(head)
@@ -81,7 +89,8 @@ def transfer(n_classes: int, image_size: int, p: TrainParams, seed: int) -> kera
 
 def backbone_layers(model: keras.Model) -> list[layers.Layer]:
     """The backbone's layers: everything between the preprocessing/augmentation and the pooling."""
-    skip = {"image", "preprocess", "flip", "rotation", "pool", "dropout", "probabilities"}
+    skip = {"image", "preprocess", "flip", "rotation", "views", "pool", "view_features", "view_mean", "dropout",
+            "probabilities"}
     return [layer for layer in model.layers if layer.name not in skip]
 
 
@@ -101,6 +110,16 @@ def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     return model
+
+
+VIEWS_PER_STEP = 256  # a forward step holds this many views' activations at most (peak memory)
+
+
+def photos_per_step(model: keras.Model, batch_size: int) -> int:
+    """Photos per inference step: `batch_size`, or fewer for a multi-view model so that one step
+    holds at most VIEWS_PER_STEP views (28 views x 32 photos would take ~9 GiB at 224 px)."""
+    n_views = model.get_layer("views").n_views if "views" in {layer.name for layer in model.layers} else 1
+    return max(1, min(batch_size, VIEWS_PER_STEP // n_views))
 
 
 def is_transfer(p: TrainParams) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,20 @@ class AugmentParams:
 
 
 @dataclass(frozen=True)
+class ViewParams:
+    """Transfer models only: test-time augmentation inside the model. Each photo is seen whole and
+    as a grid x grid of square crops per `crops` entry `[side fraction, grid]`, all mirrored too
+    with `flip`; the head averages the views' features. The head trains on every view."""
+
+    crops: list[list[float]] = field(default_factory=list)  # e.g. [[0.8, 2], [0.6, 3]]
+    flip: bool = False
+    size: int = 0  # side each view is resized to for the backbone; 0 = base.image_size
+
+    def crop_grids(self) -> list[tuple[float, int]]:
+        return [(float(side), int(grid)) for side, grid in self.crops]
+
+
+@dataclass(frozen=True)
 class TrainParams:
     arch: Literal["seed_cnn", "mobilenet", "mobilenet_v2"] = "seed_cnn"
     epochs: int = 15
@@ -58,6 +73,11 @@ class TrainParams:
     fine_tune_layers: int = 0
     fine_tune_epochs: int = 10
     fine_tune_learning_rate: float = 0.00001
+    views: ViewParams = field(default_factory=ViewParams)
+    # dense: a softmax layer trained with Adam and early stopping; logistic: an L2-regularised
+    # logistic regression on standardised cached features (no epochs), folded into that layer.
+    head: Literal["dense", "logistic"] = "dense"
+    head_c: float = 0.1  # logistic head: inverse L2 strength (scikit-learn's C)
 
 
 @dataclass(frozen=True)
@@ -120,11 +140,30 @@ def _check_fractions(p: Params) -> None:
         raise UserError("params.yaml: cv.folds must be at least 2 and cv.repeats at least 1")
     if p.train.fine_tune_layers < 0 or p.train.fine_tune_epochs < 0:
         raise UserError("params.yaml: train.fine_tune_layers and train.fine_tune_epochs must be >= 0")
-    from cleanmessy.weights import check_alpha
-
-    check_alpha(p.train.arch, p.train.alpha)
     if not 0 <= p.evaluate.min_accuracy <= 1:
         raise UserError("params.yaml: evaluate.min_accuracy must be in [0, 1]")
+    _check_transfer(p)
+
+
+def _check_transfer(p: Params) -> None:
+    t, v = p.train, p.train.views
+    for i, crop in enumerate(v.crops):
+        if len(crop) != 2 or not 0 < crop[0] <= 1 or crop[1] < 1 or crop[1] != int(crop[1]):
+            raise UserError(f"params.yaml: train.views.crops[{i}] must be [side fraction in (0, 1], grid >= 1], "
+                            f"got {crop}")
+    if v.size < 0 or 0 < v.size < 16:
+        raise UserError(f"params.yaml: train.views.size must be 0 (= base.image_size) or at least 16, got {v.size}")
+    if t.head_c <= 0:
+        raise UserError(f"params.yaml: train.head_c must be positive, got {t.head_c}")
+    if t.head == "logistic" and (t.augment.flip != "none" or t.augment.rotation > 0):
+        raise UserError("params.yaml: train.head logistic fits on cached features, so it needs "
+                        "train.augment.flip none and train.augment.rotation 0 (use train.views for flips)")
+    if t.arch == "seed_cnn" and (v.crops or v.flip or v.size or t.head != "dense"):
+        raise UserError("params.yaml: train.views and train.head logistic are for transfer models "
+                        "(train.arch mobilenet or mobilenet_v2), not seed_cnn")
+    from cleanmessy.weights import check_alpha
+
+    check_alpha(t.arch, t.alpha)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -188,6 +227,47 @@ def load_params(path: Path) -> Params:
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {exc}") from None
     return parse_params(raw)
+
+
+def with_changes(base: dict, changes: dict) -> dict:
+    """A copy of the raw params mapping `base` with the nested `changes` applied."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = with_changes(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def exp_flags(changes: dict, prefix: str = "") -> list[str]:
+    """`dvc exp run` arguments for a nested mapping of params changes: `-S key=value` per leaf,
+    the value in compact JSON (DVC reads it as YAML), without spaces so a shell can split them."""
+    flags: list[str] = []
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            flags += exp_flags(value, f"{prefix}{key}.")
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+        if not text or any(c.isspace() for c in text):
+            raise UserError(f"{prefix}{key}: {value!r} cannot be passed as a -S flag (empty or with spaces)")
+        flags += ["-S", f"{prefix}{key}={text}"]
+    return flags
+
+
+def load_changes(path: Path, params_file: Path) -> dict:
+    """A params changes file (like experiments/real-photos.yaml), checked against `params_file`
+    with the changes applied, so a typo is caught before any stage runs."""
+    try:
+        changes = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path} not found") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(changes, dict):
+        raise UserError(f"{path} must be a mapping of params.yaml sections")
+    try:
+        parse_params(with_changes(yaml.safe_load(params_file.read_text()) or {}, changes))
+    except UserError as exc:
+        raise UserError(f"{path}: {str(exc).removeprefix('params.yaml: ')}") from None
+    return changes
 
 
 def flatten(params: Any, prefix: str = "") -> dict[str, Any]:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from cleanmessy.errors import UserError
-from cleanmessy.params import Params, flatten, load_params, parse_params
+from cleanmessy.params import Params, exp_flags, flatten, load_changes, load_params, parse_params
 
 REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
@@ -149,3 +149,26 @@ def test_repo_params_yaml_parses():
     assert p.ingest.source == "data/sample"
     assert p.train.arch == "seed_cnn"
     assert p.split.val_fraction + p.split.test_fraction < 1
+
+
+def test_real_photo_experiment_file_applies_to_params_yaml():
+    """experiments/real-photos.yaml is a valid set of changes to params.yaml, printed as -S flags
+    with no spaces (the Makefile lets the shell split them)."""
+    root = Path(__file__).resolve().parents[2]
+    changes = load_changes(root / "experiments" / "real-photos.yaml", root / "params.yaml")
+    flags = exp_flags(changes)
+    assert flags[::2] == ["-S"] * (len(flags) // 2)
+    assert "train.views.crops=[[0.8,2],[0.6,3]]" in flags and "train.views.flip=true" in flags
+    assert not any(" " in flag for flag in flags)
+
+
+def test_experiment_file_typo_names_the_file_and_key(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  arch: mobilenet\n")
+    (tmp_path / "exp.yaml").write_text("train:\n  views:\n    crop: [[0.8, 2]]\n")
+    with pytest.raises(UserError, match=r"exp\.yaml: unknown key train\.views\.crop"):
+        load_changes(tmp_path / "exp.yaml", tmp_path / "params.yaml")
+
+
+def test_exp_flags_refuse_values_with_spaces():
+    with pytest.raises(UserError, match="ingest.source"):
+        exp_flags({"ingest": {"source": "my photos"}})

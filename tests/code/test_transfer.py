@@ -102,3 +102,16 @@ def test_imagenet_weights_load_from_the_env_folder(monkeypatch, tmp_path, arch, 
         group = h5[layer] if layer in h5 else h5["model_weights"][layer]
         stored = [group[name][()] for name in group.attrs["weight_names"]]
     np.testing.assert_array_equal(model.get_layer(layer).get_weights()[0], stored[0])
+
+
+def test_logistic_head_fits_once_on_every_view(frames):
+    """The logistic head needs no epochs: one history row, and on these separable images the
+    multi-view model (whole photo, a 2x2 grid of crops, mirrors) gets every val image right."""
+    from cleanmessy.params import ViewParams
+
+    root, train, val = frames
+    params = tiny(head="logistic", views=ViewParams(crops=[[0.8, 2]], flip=True))
+    model = build_model(2, 32, params, seed=0)
+    history = train_model(model, train, val, root, ["clean", "messy"], 32, params, seed=0, log_to_mlflow=False)
+    assert list(history["phase"]) == ["head"] and len(history) == 1
+    assert history["val_accuracy"][0] == 1.0

@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -247,3 +248,27 @@ def test_cv_logs_a_parent_run_with_one_child_per_fold(tiny_project):
     children = mlflow_client.search_runs([parent.info.experiment_id],
                                          f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.data.metrics["test_accuracy"] for c in children) == sorted(f["accuracy"] for f in report["folds"])
+
+
+def test_multi_view_experiment_registers_a_model_that_predict_loads(tiny_project, tmp_path):
+    """A transfer experiment with the logistic head and multi-view TTA (random weights: no
+    download) trains, is registered under its own name, and the predict CLI loads it from the
+    registry (custom layers included) and classifies the photos."""
+    project, _ = tiny_project
+    name = "clean-vs-messy-multiview"
+    run(["dvc", "exp", "run", "-n", "multiview", "-S", "train.arch=mobilenet", "-S", "train.weights=none",
+         "-S", "train.augment.flip=none", "-S", "train.augment.rotation=0", "-S", "train.head=logistic",
+         "-S", "train.views.crops=[[0.8,2]]", "-S", "train.views.flip=true", "-S", f"evaluate.model_name={name}"],
+        project)
+    history = pd.read_csv(project / "pipeline/history.csv")
+    assert list(history["phase"]) == ["head"]
+    params = client(project).get_run(run_info(project)["run_id"]).data.params
+    assert params["train.head"] == "logistic" and params["train.views.crops"] == "[[0.8, 2.0]]"
+    photos = sorted((project / "data/images").rglob("*.png"))[:4]
+    out = tmp_path / "predictions.csv"
+    run(["cleanmessy", "predict", *map(str, photos), "--model-name", name, "--stage", "staging", "--out", str(out)],
+        project)
+    frame = pd.read_csv(out, keep_default_na=False)
+    assert len(frame) == 4 and (frame["error"] == "").all()
+    assert set(frame["label"]) <= {"clean", "messy"}
+    assert np.allclose(frame[["clean", "messy"]].sum(axis=1), 1.0, atol=1e-4)

@@ -12,6 +12,7 @@ import numpy as np
 from cleanmessy import tracking
 from cleanmessy.errors import UserError
 from cleanmessy.images import to_model_input
+from cleanmessy.models import photos_per_step  # (importing models registers its custom layers for loading)
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,9 @@ class ServedModel:
                  self.class_names, self.image_size)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities for a uint8 batch (n, size, size, 3)."""
-        return self._forward(batch).numpy()
+        """Probabilities for a uint8 batch (n, size, size, 3), in steps small enough for the model."""
+        step = photos_per_step(self.keras_model, len(batch) or 1)
+        return np.concatenate([self._forward(batch[i:i + step]).numpy() for i in range(0, len(batch), step)])
 
     def explain(self, photo) -> tuple[np.ndarray, np.ndarray]:
         """`(probabilities, heat map in [0, 1])` for one RGB PIL photo; the map explains "messy"."""

@@ -21,7 +21,7 @@ from cleanmessy import tracking
 from cleanmessy.card import wilson_interval
 from cleanmessy.errors import UserError
 from cleanmessy.inputs import image_read_errors, label_indices, make_dataset
-from cleanmessy.models import build_model
+from cleanmessy.models import build_model, photos_per_step
 from cleanmessy.params import Params, flatten
 from cleanmessy.project import Paths
 from cleanmessy.stages.ingest import manifest_hash
@@ -93,11 +93,14 @@ def main(paths: Paths, params: Params) -> dict:
             with mlflow.start_run(experiment_id=experiment_id, run_name=f"fold-{repeat}.{fold}", nested=True,
                                   tags={"kind": "cv_fold"}):
                 started = time.perf_counter()
+                if p.head == "logistic" and not (p.fine_tune_layers and p.fine_tune_epochs):
+                    # no early stopping to feed: the val part trains too (it is still only reported)
+                    fit_rows = pd.concat([fit_rows, val_rows])
                 model = build_model(len(class_names), b.image_size, p, b.seed)
                 history = train_model(model, fit_rows, val_rows, paths.root, class_names, b.image_size, p, b.seed,
                                       log_to_mlflow=False)
                 seconds = time.perf_counter() - started
-                ds = make_dataset(test_rows, paths.root, class_names, b.image_size, p.batch_size)
+                ds = make_dataset(test_rows, paths.root, class_names, b.image_size, photos_per_step(model, p.batch_size))
                 with image_read_errors():
                     probs = model.predict(ds, verbose=0)
                 accuracy = float(np.mean(probs.argmax(1) == label_indices(test_rows, class_names)))
@@ -109,7 +112,8 @@ def main(paths: Paths, params: Params) -> dict:
                      len(test_rows), seconds)
         summary = summarize([r["accuracy"] for r in results], len(manifest))
         summary["train_seconds_mean"] = float(np.mean([r["train_seconds"] for r in results]))
-        summary["infer_images_per_s"] = inference_speed(model, test_rows, paths, b.image_size, p.batch_size)
+        summary["infer_images_per_s"] = inference_speed(model, test_rows, paths, b.image_size,
+                                                        photos_per_step(model, p.batch_size))
         mlflow.log_metrics({f"cv_{k}": v for k, v in summary.items()})
         report = {"arch": p.arch, "summary": summary, "folds": results, "run_id": parent.info.run_id}
         mlflow.log_dict(report, "cv.json")

@@ -17,6 +17,7 @@ from cleanmessy import tracking
 from cleanmessy.card import render_card, wilson_interval
 from cleanmessy.errors import UserError
 from cleanmessy.inputs import image_read_errors, label_indices, make_dataset, read_split
+from cleanmessy.models import photos_per_step  # (importing models registers its custom layers for loading)
 from cleanmessy.params import Params, flatten
 from cleanmessy.project import Paths
 
@@ -103,7 +104,8 @@ def main(paths: Paths, params: Params) -> None:
             model = keras.models.load_model(paths.model)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load {paths.model}: {exc}; run `cleanmessy train` (or `dvc repro`)") from None
-        ds = make_dataset(test_frame, paths.root, run.class_names, run.image_size, params.train.batch_size)
+        ds = make_dataset(test_frame, paths.root, run.class_names, run.image_size,
+                          photos_per_step(model, params.train.batch_size))
         with image_read_errors():
             probs = model.predict(ds, verbose=0)
         test = compute_metrics(label_indices(test_frame, run.class_names), probs, run.class_names)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from cleanmessy import tracking
 from cleanmessy.inputs import image_read_errors, label_indices, make_dataset, read_split
-from cleanmessy.models import build_model, compile_model, is_transfer, unfreeze_top
+from cleanmessy.models import build_model, compile_model, is_transfer, photos_per_step, unfreeze_top
 from cleanmessy.params import Params, TrainParams, flatten
 from cleanmessy.project import Paths
 from cleanmessy.stages.ingest import manifest_hash
@@ -48,21 +48,64 @@ def fit(model: keras.Model, train_ds, val_ds, epochs: int, patience: int, phase:
     return frame
 
 
+def cached_features(model: keras.Model, images) -> np.ndarray:
+    """(photos, views, features): the pooled backbone features of every view of every photo, from
+    one forward pass each."""
+    extractor = keras.Model(model.inputs, model.get_layer("view_features").output)
+    return extractor.predict(images, verbose=0)
+
+
+def head_model(model: keras.Model, n_features: int) -> keras.Model:
+    """The layers after `view_mean` (dropout, probabilities) as a model on feature vectors; it
+    shares their weights with `model`."""
+    features = keras.Input((n_features,), name="features")
+    out = features
+    if "dropout" in {layer.name for layer in model.layers}:
+        out = model.get_layer("dropout")(out)
+    return keras.Model(features, model.get_layer("probabilities")(out))
+
+
+def fit_logistic(features: np.ndarray, labels: np.ndarray, n_classes: int, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """An L2-regularised logistic regression on standardised features, returned as the `(kernel,
+    bias)` of a softmax Dense layer on the raw features: the standardisation is folded in, and a
+    binary model's one logit z becomes the pair (-z/2, z/2), whose softmax is the same sigmoid."""
+    from sklearn.linear_model import LogisticRegression
+
+    mean, scale = features.mean(axis=0), features.std(axis=0)
+    scale[scale == 0] = 1.0  # constant features (dead units) carry no information
+    fitted = LogisticRegression(C=c, max_iter=5000).fit((features - mean) / scale, labels)
+    if list(fitted.classes_) != list(range(n_classes)):
+        raise ValueError(f"training labels {list(fitted.classes_)} do not cover all {n_classes} classes")
+    coef, intercept = fitted.coef_, fitted.intercept_
+    if n_classes == 2:
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    kernel = (coef / scale).T
+    return kernel.astype("float32"), (intercept - kernel.T @ mean).astype("float32")
+
+
 def fit_head_on_features(model: keras.Model, train_images, val_images, labels: tuple[np.ndarray, np.ndarray],
                          p: TrainParams, seed: int, log_to_mlflow: bool = True) -> pd.DataFrame:
     """Phase 1 with a frozen backbone and no augmentation: the backbone sees every image once,
     and only the head trains, on the cached features. Same result as training the whole model
-    with the backbone frozen, at the cost of one forward pass instead of one per epoch."""
+    with the backbone frozen, at the cost of one forward pass instead of one per epoch. Every view
+    of a training photo is a training sample; validation uses the views' mean, as the model does."""
     import tensorflow as tf
 
-    extractor = keras.Model(model.inputs, model.get_layer("pool").output)
-    train_x, val_x = extractor.predict(train_images, verbose=0), extractor.predict(val_images, verbose=0)
-    features = keras.Input((train_x.shape[1],), name="features")
-    head_out = features
-    if "dropout" in {layer.name for layer in model.layers}:
-        head_out = model.get_layer("dropout")(head_out)
-    head = compile_model(keras.Model(features, model.get_layer("probabilities")(head_out)), p.learning_rate)
-    train_ds = (tf.data.Dataset.from_tensor_slices((train_x, labels[0]))
+    train_views = cached_features(model, train_images)
+    _, n_views, n_features = train_views.shape
+    train_x, train_y = train_views.reshape(-1, n_features), np.repeat(labels[0], n_views)
+    val_x = cached_features(model, val_images).mean(axis=1)
+    head = compile_model(head_model(model, n_features), p.learning_rate)
+    if p.head == "logistic":
+        n_classes = model.get_layer("probabilities").units
+        model.get_layer("probabilities").set_weights(list(fit_logistic(train_x, train_y, n_classes, p.head_c)))
+        loss, accuracy = head.evaluate(train_x, train_y, verbose=0)
+        val_loss, val_accuracy = head.evaluate(val_x, labels[1], verbose=0)
+        row = {"loss": loss, "accuracy": accuracy, "val_loss": val_loss, "val_accuracy": val_accuracy}
+        if log_to_mlflow:
+            mlflow.log_metrics(row, step=1)
+        return pd.DataFrame([{"epoch": 1, "phase": "head", **row}])
+    train_ds = (tf.data.Dataset.from_tensor_slices((train_x, train_y))
                 .shuffle(len(train_x), seed=seed).batch(p.batch_size))
     val_ds = tf.data.Dataset.from_tensor_slices((val_x, labels[1])).batch(p.batch_size)
     return fit(head, train_ds, val_ds, p.epochs, p.patience, "head", log_to_mlflow=log_to_mlflow)
@@ -94,9 +137,10 @@ def train_model(model: keras.Model, train_frame: pd.DataFrame, val_frame: pd.Dat
     augmenting = p.augment.flip != "none" or p.augment.rotation > 0
     with image_read_errors():
         if is_transfer(p) and not augmenting:
-            ordered = make_dataset(train_frame, root, class_names, image_size, p.batch_size)
+            step = photos_per_step(model, p.batch_size)  # feature extraction only: small steps, less memory
+            ordered = [make_dataset(frame, root, class_names, image_size, step) for frame in (train_frame, val_frame)]
             labels = (label_indices(train_frame, class_names), label_indices(val_frame, class_names))
-            history = fit_head_on_features(model, ordered, val_ds, labels, p, seed, log_to_mlflow)
+            history = fit_head_on_features(model, *ordered, labels, p, seed, log_to_mlflow)
         else:
             history = fit(model, train_ds, val_ds, p.epochs, p.patience, log_to_mlflow=log_to_mlflow)
         if is_transfer(p) and p.fine_tune_layers > 0 and p.fine_tune_epochs > 0:
