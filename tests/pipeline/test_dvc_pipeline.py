@@ -253,9 +253,19 @@ def test_cv_logs_a_parent_run_with_one_child_per_fold(tiny_project):
 def test_multi_view_experiment_registers_a_model_that_predict_loads(tiny_project, tmp_path):
     """A transfer experiment with the logistic head and multi-view TTA (random weights: no
     download) trains, is registered under its own name, and the predict CLI loads it from the
-    registry (custom layers included) and classifies the photos."""
+    registry (custom layers included) and classifies the photos. params.yaml is put back after,
+    since `dvc exp run` leaves the experiment's params in the workspace and the serving tests
+    read evaluate.model_name from it."""
     project, _ = tiny_project
     name = "clean-vs-messy-multiview"
+    params_before = (project / "params.yaml").read_text()
+    try:
+        _run_multi_view_experiment(project, name, tmp_path)
+    finally:
+        (project / "params.yaml").write_text(params_before)
+
+
+def _run_multi_view_experiment(project: Path, name: str, tmp_path: Path) -> None:
     run(["dvc", "exp", "run", "-n", "multiview", "-S", "train.arch=mobilenet", "-S", "train.weights=none",
          "-S", "train.augment.flip=none", "-S", "train.augment.rotation=0", "-S", "train.head=logistic",
          "-S", "train.views.crops=[[0.8,2]]", "-S", "train.views.flip=true", "-S", f"evaluate.model_name={name}"],
