@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cleanmessy.params import with_changes
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REAL_PHOTOS = SHARED / "datasets" / "clean-messy"
@@ -63,18 +65,9 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **extra_env: str) -> subp
     return result
 
 
-def deep_update(base: dict, changes: dict) -> dict:
-    for key, value in changes.items():
-        if isinstance(value, dict):
-            deep_update(base.setdefault(key, {}), value)
-        else:
-            base[key] = value
-    return base
-
-
 def set_params(project: Path, changes: dict) -> None:
     path = project / "params.yaml"
-    path.write_text(yaml.safe_dump(deep_update(yaml.safe_load(path.read_text()), changes), sort_keys=False))
+    path.write_text(yaml.safe_dump(with_changes(yaml.safe_load(path.read_text()), changes), sort_keys=False))
 
 
 def copy_project(dest: Path, params: dict | None = None, sample: dict | None = None) -> Path:
@@ -84,7 +77,7 @@ def copy_project(dest: Path, params: dict | None = None, sample: dict | None = N
         shutil.copy2(REPO / name, dest / name)
     for name in PROJECT_DIRS:
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    set_params(dest, deep_update(yaml.safe_load(yaml.safe_dump(TINY_PARAMS)), params or {}))
+    set_params(dest, with_changes(TINY_PARAMS, params or {}))
     (dest / "data/sample/sample.yaml").write_text(yaml.safe_dump({**TINY_SAMPLE, **(sample or {})}))
     run(["git", "init", "-q", "-b", "main"], dest)
     run(["git", "add", "-A"], dest)

@@ -42,7 +42,8 @@ def _exp_flags(args: argparse.Namespace) -> None:
     from cleanmessy.params import exp_flags, load_changes
     from cleanmessy.project import project_paths
 
-    print(" ".join(exp_flags(load_changes(args.file, project_paths().params))))
+    changes, _ = load_changes(args.file, project_paths().params)
+    print(" ".join(exp_flags(changes)))
 
 
 def _model_uri(args: argparse.Namespace) -> str:

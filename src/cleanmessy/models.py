@@ -126,6 +126,11 @@ def is_transfer(p: TrainParams) -> bool:
     return p.arch != "seed_cnn"
 
 
+def fine_tunes(p: TrainParams) -> bool:
+    """Whether training has phase 2 (the top of the backbone trains too)."""
+    return is_transfer(p) and p.fine_tune_layers > 0 and p.fine_tune_epochs > 0
+
+
 ARCHITECTURES = {"seed_cnn": seed_cnn, "mobilenet": transfer, "mobilenet_v2": transfer}
 
 

@@ -109,7 +109,7 @@ class Params:
     cv: CvParams = field(default_factory=CvParams)
 
 
-def _check_fractions(p: Params) -> None:
+def _check_values(p: Params) -> None:
     s = p.split
     for key, value in (("val_fraction", s.val_fraction), ("test_fraction", s.test_fraction)):
         if not 0 <= value < 1:
@@ -214,7 +214,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 def parse_params(raw: Any) -> Params:
     """Validate a parsed params mapping; missing keys take the defaults above."""
     params = _build(Params, raw, "")
-    _check_fractions(params)
+    _check_values(params)
     return params
 
 
@@ -252,9 +252,9 @@ def exp_flags(changes: dict, prefix: str = "") -> list[str]:
     return flags
 
 
-def load_changes(path: Path, params_file: Path) -> dict:
-    """A params changes file (like experiments/real-photos.yaml), checked against `params_file`
-    with the changes applied, so a typo is caught before any stage runs."""
+def load_changes(path: Path, params_file: Path) -> tuple[dict, Params]:
+    """A params changes file (like experiments/real-photos.yaml) and the params of `params_file`
+    with those changes applied: checked here, so a typo is caught before any stage runs."""
     try:
         changes = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -264,10 +264,9 @@ def load_changes(path: Path, params_file: Path) -> dict:
     if not isinstance(changes, dict):
         raise UserError(f"{path} must be a mapping of params.yaml sections")
     try:
-        parse_params(with_changes(yaml.safe_load(params_file.read_text()) or {}, changes))
+        return changes, parse_params(with_changes(yaml.safe_load(params_file.read_text()) or {}, changes))
     except UserError as exc:
         raise UserError(f"{path}: {str(exc).removeprefix('params.yaml: ')}") from None
-    return changes
 
 
 def flatten(params: Any, prefix: str = "") -> dict[str, Any]:

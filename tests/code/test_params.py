@@ -155,7 +155,7 @@ def test_real_photo_experiment_file_applies_to_params_yaml():
     """experiments/real-photos.yaml is a valid set of changes to params.yaml, printed as -S flags
     with no spaces (the Makefile lets the shell split them)."""
     root = Path(__file__).resolve().parents[2]
-    changes = load_changes(root / "experiments" / "real-photos.yaml", root / "params.yaml")
+    changes, _ = load_changes(root / "experiments" / "real-photos.yaml", root / "params.yaml")
     flags = exp_flags(changes)
     assert flags[::2] == ["-S"] * (len(flags) // 2)
     assert "train.views.crops=[[0.8,2],[0.6,3]]" in flags and "train.views.flip=true" in flags

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-import yaml
 
 from conftest import REAL_PHOTOS, REPO, requires_real_photos
 from cleanmessy.params import IngestParams, SplitParams
@@ -64,7 +63,7 @@ def test_best_configuration_learns_the_real_photos(tmp_path, monkeypatch):
 
     from cleanmessy.inputs import label_indices, make_dataset
     from cleanmessy.models import build_model, photos_per_step
-    from cleanmessy.params import load_changes, parse_params, with_changes
+    from cleanmessy.params import load_changes
     from cleanmessy.stages.train import train_model
 
     monkeypatch.setenv("CLEANMESSY_KERAS_WEIGHTS", str(WEIGHTS))
@@ -73,8 +72,7 @@ def test_best_configuration_learns_the_real_photos(tmp_path, monkeypatch):
     _, files = source_files(str(REAL_PHOTOS), "", tmp_path, tmp_path / "work", tmp_path / "images")
     manifest = run_ingest(files, IngestParams(), tmp_path / "images", "images").manifest
     frame = assign_splits(manifest, SplitParams(), seed=42)
-    changes = load_changes(REPO / "experiments" / "real-photos.yaml", REPO / "params.yaml")
-    params = parse_params(with_changes(yaml.safe_load((REPO / "params.yaml").read_text()), changes))
+    _, params = load_changes(REPO / "experiments" / "real-photos.yaml", REPO / "params.yaml")
     p, size, classes = params.train, params.base.image_size, ["clean", "messy"]
     model = build_model(2, size, p, params.base.seed)
     parts = {name: frame[frame["split"] == name] for name in ("train", "val", "test")}

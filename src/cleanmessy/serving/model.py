@@ -12,7 +12,7 @@ import numpy as np
 from cleanmessy import tracking
 from cleanmessy.errors import UserError
 from cleanmessy.images import to_model_input
-from cleanmessy.models import photos_per_step  # (importing models registers its custom layers for loading)
+from cleanmessy.models import VIEWS_PER_STEP, photos_per_step  # (importing models registers its custom layers for loading)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class ServedModel:
         )
         self._explain = gradcam_function(model, self.image_size)
         self._messy = explained_class(self.class_names)
+        self._photos_per_step = photos_per_step(model, VIEWS_PER_STEP)
         warm = np.zeros((1, self.image_size, self.image_size, 3), np.uint8)
         self._forward(warm)
         self._explain(warm, np.int32(self._messy))
@@ -73,7 +74,7 @@ class ServedModel:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for a uint8 batch (n, size, size, 3), in steps small enough for the model."""
-        step = photos_per_step(self.keras_model, len(batch) or 1)
+        step = self._photos_per_step
         return np.concatenate([self._forward(batch[i:i + step]).numpy() for i in range(0, len(batch), step)])
 
     def explain(self, photo) -> tuple[np.ndarray, np.ndarray]:

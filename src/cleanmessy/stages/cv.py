@@ -21,7 +21,7 @@ from cleanmessy import tracking
 from cleanmessy.card import wilson_interval
 from cleanmessy.errors import UserError
 from cleanmessy.inputs import image_read_errors, label_indices, make_dataset
-from cleanmessy.models import build_model, photos_per_step
+from cleanmessy.models import build_model, fine_tunes, photos_per_step
 from cleanmessy.params import Params, flatten
 from cleanmessy.project import Paths
 from cleanmessy.stages.ingest import manifest_hash
@@ -93,7 +93,7 @@ def main(paths: Paths, params: Params) -> dict:
             with mlflow.start_run(experiment_id=experiment_id, run_name=f"fold-{repeat}.{fold}", nested=True,
                                   tags={"kind": "cv_fold"}):
                 started = time.perf_counter()
-                if p.head == "logistic" and not (p.fine_tune_layers and p.fine_tune_epochs):
+                if p.head == "logistic" and not fine_tunes(p):
                     # no early stopping to feed: the val part trains too (it is still only reported)
                     fit_rows = pd.concat([fit_rows, val_rows])
                 model = build_model(len(class_names), b.image_size, p, b.seed)

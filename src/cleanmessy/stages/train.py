@@ -16,7 +16,7 @@ import pandas as pd
 
 from cleanmessy import tracking
 from cleanmessy.inputs import image_read_errors, label_indices, make_dataset, read_split
-from cleanmessy.models import build_model, compile_model, is_transfer, photos_per_step, unfreeze_top
+from cleanmessy.models import build_model, compile_model, fine_tunes, is_transfer, photos_per_step, unfreeze_top
 from cleanmessy.params import Params, TrainParams, flatten
 from cleanmessy.project import Paths
 from cleanmessy.stages.ingest import manifest_hash
@@ -143,7 +143,7 @@ def train_model(model: keras.Model, train_frame: pd.DataFrame, val_frame: pd.Dat
             history = fit_head_on_features(model, *ordered, labels, p, seed, log_to_mlflow)
         else:
             history = fit(model, train_ds, val_ds, p.epochs, p.patience, log_to_mlflow=log_to_mlflow)
-        if is_transfer(p) and p.fine_tune_layers > 0 and p.fine_tune_epochs > 0:
+        if fine_tunes(p):
             history = fine_tune(model, train_ds, val_ds, p, history, log_to_mlflow)
     return history
 
