@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from cleanmessy.layers import MultiView, ViewStack, view_boxes
+from cleanmessy.layers import MultiView, RegionPool, ViewStack, view_boxes
 from cleanmessy.params import AugmentParams, TrainParams
 
 
@@ -49,9 +49,10 @@ def transfer(n_classes: int, image_size: int, p: TrainParams, seed: int) -> kera
     The backbone's own preprocessing (x / 127.5 - 1) is a layer of the model, and the backbone is
     built on the model's tensors (not nested), so every layer, the last convolution included, is
     reachable for Grad-CAM. `backbone_layers` lists its layers. Between preprocessing and backbone,
-    `views` turns each photo into the views `train.views` asks for (at least the whole photo, at
-    `train.views.size`); after pooling, `view_features` stacks each photo's views and `view_mean`
-    averages them for the head.
+    `views` resizes each photo to `train.views.size` (and adds its mirror with `flip`); after the
+    backbone, `pool` averages the whole feature map and each of `train.views.regions`,
+    `view_normalize` (with `normalize`) scales each view's features to unit length,
+    `view_features` stacks each photo's views and `view_mean` averages them for the head.
     """
     from cleanmessy.weights import find_local, missing_message
 
@@ -60,7 +61,7 @@ def transfer(n_classes: int, image_size: int, p: TrainParams, seed: int) -> kera
     x = layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)  # mobilenet's preprocess_input
     for layer in augmentation(p.augment, seed):
         x = layer(x)
-    multi_view = MultiView(view_boxes(p.views.crop_grids()), view_size, p.views.flip, name="views")
+    multi_view = MultiView(view_size, p.views.flip, name="views")
     x = multi_view(x)
     weights = None
     if p.weights == "imagenet":
@@ -75,8 +76,10 @@ def transfer(n_classes: int, image_size: int, p: TrainParams, seed: int) -> kera
 
             raise UserError(missing_message(p.arch, p.alpha, view_size, exc)) from None
         raise
-    pooled = layers.GlobalAveragePooling2D(name="pool")(backbone.output)
-    per_view = ViewStack(multi_view.n_views, name="view_features")(pooled)
+    pooled = RegionPool(view_boxes(p.views.region_grids()), name="pool")(backbone.output)
+    if p.views.normalize:
+        pooled = layers.UnitNormalization(name="view_normalize")(pooled)
+    per_view = ViewStack(multi_view.n_passes, name="view_features")(pooled)
     head = layers.GlobalAveragePooling1D(name="view_mean")(per_view)
     if p.dropout > 0:
         head = layers.Dropout(p.dropout, seed=seed, name="dropout")(head)
@@ -89,7 +92,7 @@ def transfer(n_classes: int, image_size: int, p: TrainParams, seed: int) -> kera
 
 def backbone_layers(model: keras.Model) -> list[layers.Layer]:
     """The backbone's layers: everything between the preprocessing/augmentation and the pooling."""
-    skip = {"image", "preprocess", "flip", "rotation", "views", "pool", "view_features", "view_mean", "dropout",
+    skip = {"image", "preprocess", "flip", "rotation", "views", "pool", "view_normalize", "view_features", "view_mean", "dropout",
             "probabilities"}
     return [layer for layer in model.layers if layer.name not in skip]
 
@@ -112,14 +115,14 @@ def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
     return model
 
 
-VIEWS_PER_STEP = 256  # a forward step holds this many views' activations at most (peak memory)
+PASSES_PER_STEP = 256  # a forward step holds this many backbone passes' activations at most (peak memory)
 
 
 def photos_per_step(model: keras.Model, batch_size: int) -> int:
-    """Photos per inference step: `batch_size`, or fewer for a multi-view model so that one step
-    holds at most VIEWS_PER_STEP views (28 views x 32 photos would take ~9 GiB at 224 px)."""
-    n_views = model.get_layer("views").n_views if "views" in {layer.name for layer in model.layers} else 1
-    return max(1, min(batch_size, VIEWS_PER_STEP // n_views))
+    """Photos per inference step: `batch_size`, or fewer where each photo takes several backbone
+    passes (photo + mirror), so that one step holds at most PASSES_PER_STEP of them."""
+    n_passes = model.get_layer("views").n_passes if "views" in {layer.name for layer in model.layers} else 1
+    return max(1, min(batch_size, PASSES_PER_STEP // n_passes))
 
 
 def is_transfer(p: TrainParams) -> bool:

@@ -43,16 +43,19 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class ViewParams:
-    """Transfer models only: test-time augmentation inside the model. Each photo is seen whole and
-    as a grid x grid of square crops per `crops` entry `[side fraction, grid]`, all mirrored too
-    with `flip`; the head averages the views' features. The head trains on every view."""
+    """Transfer models only: test-time augmentation inside the model. Each photo goes through the
+    backbone at `size` (and mirrored, with `flip`); besides the whole feature map, each `regions`
+    entry `[side fraction, grid]` pools a grid x grid of square regions of it as extra views. With
+    `normalize`, each view's features are scaled to unit length. The head trains on every view and
+    predicts from their mean."""
 
-    crops: list[list[float]] = field(default_factory=list)  # e.g. [[0.8, 2], [0.6, 3]]
+    regions: list[list[float]] = field(default_factory=list)  # e.g. [[0.6, 3]]
     flip: bool = False
-    size: int = 0  # side each view is resized to for the backbone; 0 = base.image_size
+    normalize: bool = False
+    size: int = 0  # side the photo is resized to for the backbone; 0 = base.image_size
 
-    def crop_grids(self) -> list[tuple[float, int]]:
-        return [(float(side), int(grid)) for side, grid in self.crops]
+    def region_grids(self) -> list[tuple[float, int]]:
+        return [(float(side), int(grid)) for side, grid in self.regions]
 
 
 @dataclass(frozen=True)
@@ -147,10 +150,10 @@ def _check_values(p: Params) -> None:
 
 def _check_transfer(p: Params) -> None:
     t, v = p.train, p.train.views
-    for i, crop in enumerate(v.crops):
-        if len(crop) != 2 or not 0 < crop[0] <= 1 or crop[1] < 1 or crop[1] != int(crop[1]):
-            raise UserError(f"params.yaml: train.views.crops[{i}] must be [side fraction in (0, 1], grid >= 1], "
-                            f"got {crop}")
+    for i, region in enumerate(v.regions):
+        if len(region) != 2 or not 0 < region[0] <= 1 or region[1] < 1 or region[1] != int(region[1]):
+            raise UserError(f"params.yaml: train.views.regions[{i}] must be [side fraction in (0, 1], grid >= 1], "
+                            f"got {region}")
     if v.size < 0 or 0 < v.size < 16:
         raise UserError(f"params.yaml: train.views.size must be 0 (= base.image_size) or at least 16, got {v.size}")
     if t.head_c <= 0:
@@ -158,7 +161,7 @@ def _check_transfer(p: Params) -> None:
     if t.head == "logistic" and (t.augment.flip != "none" or t.augment.rotation > 0):
         raise UserError("params.yaml: train.head logistic fits on cached features, so it needs "
                         "train.augment.flip none and train.augment.rotation 0 (use train.views for flips)")
-    if t.arch == "seed_cnn" and (v.crops or v.flip or v.size or t.head != "dense"):
+    if t.arch == "seed_cnn" and (v.regions or v.flip or v.normalize or v.size or t.head != "dense"):
         raise UserError("params.yaml: train.views and train.head logistic are for transfer models "
                         "(train.arch mobilenet or mobilenet_v2), not seed_cnn")
     from cleanmessy.weights import check_alpha

@@ -158,14 +158,14 @@ def test_real_photo_experiment_file_applies_to_params_yaml():
     changes, _ = load_changes(root / "experiments" / "real-photos.yaml", root / "params.yaml")
     flags = exp_flags(changes)
     assert flags[::2] == ["-S"] * (len(flags) // 2)
-    assert "train.views.crops=[[0.8,2],[0.6,3]]" in flags and "train.views.flip=true" in flags
+    assert "train.views.regions=[[0.6,3]]" in flags and "train.views.flip=true" in flags
     assert not any(" " in flag for flag in flags)
 
 
 def test_experiment_file_typo_names_the_file_and_key(tmp_path):
     (tmp_path / "params.yaml").write_text("train:\n  arch: mobilenet\n")
-    (tmp_path / "exp.yaml").write_text("train:\n  views:\n    crop: [[0.8, 2]]\n")
-    with pytest.raises(UserError, match=r"exp\.yaml: unknown key train\.views\.crop"):
+    (tmp_path / "exp.yaml").write_text("train:\n  views:\n    region: [[0.8, 2]]\n")
+    with pytest.raises(UserError, match=r"exp\.yaml: unknown key train\.views\.region"):
         load_changes(tmp_path / "exp.yaml", tmp_path / "params.yaml")
 
 

@@ -105,13 +105,30 @@ def test_imagenet_weights_load_from_the_env_folder(monkeypatch, tmp_path, arch, 
 
 
 def test_logistic_head_fits_once_on_every_view(frames):
-    """The logistic head needs no epochs: one history row, and on these separable images the
-    multi-view model (whole photo, a 2x2 grid of crops, mirrors) gets every val image right."""
+    """The logistic head needs no epochs: one history row, and the model predicts what scikit-learn's
+    StandardScaler + LogisticRegression, fitted on every view of every training photo (whole
+    feature map, a 2x2 grid of regions, mirrors), predicts from each val photo's mean view."""
+    import keras
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from cleanmessy.inputs import make_dataset
     from cleanmessy.params import ViewParams
+    from cleanmessy.stages.train import cached_features
 
     root, train, val = frames
-    params = tiny(head="logistic", views=ViewParams(crops=[[0.8, 2]], flip=True))
+    classes = ["clean", "messy"]
+    params = tiny(head="logistic", views=ViewParams(regions=[[0.8, 2]], flip=True))
     model = build_model(2, 32, params, seed=0)
-    history = train_model(model, train, val, root, ["clean", "messy"], 32, params, seed=0, log_to_mlflow=False)
+    history = train_model(model, train, val, root, classes, 32, params, seed=0, log_to_mlflow=False)
     assert list(history["phase"]) == ["head"] and len(history) == 1
-    assert history["val_accuracy"][0] == 1.0
+    views = {name: cached_features(model, make_dataset(frame, root, classes, 32, 4)).astype("float64")
+             for name, frame in (("train", train), ("val", val))}
+    assert views["train"].shape[1] == 10
+    labels = np.repeat(train["label"].map({"clean": 0, "messy": 1}).to_numpy(), 10)
+    sklearn = make_pipeline(StandardScaler(), LogisticRegression(C=params.head_c, max_iter=5000))
+    sklearn.fit(views["train"].reshape(-1, views["train"].shape[-1]), labels)
+    images = np.concatenate([x for x, _ in make_dataset(val, root, classes, 32, 4)])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(images)),
+                               sklearn.predict_proba(views["val"].mean(axis=1)), atol=1e-4)

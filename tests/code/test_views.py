@@ -1,5 +1,5 @@
-"""Multi-view models (test-time augmentation inside the model) and the logistic head, on tiny
-images (TensorFlow is imported)."""
+"""Multi-view models (test-time augmentation inside the model: mirrors and feature-map regions)
+and the logistic head, on tiny images (TensorFlow is imported)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from cleanmessy.errors import UserError
-from cleanmessy.layers import MultiView, ViewStack, view_boxes
+from cleanmessy.layers import (
+    MultiView,
+    RegionPool,
+    ViewStack,
+    region_weights,
+    view_boxes,
+)
 from cleanmessy.models import build_model, photos_per_step
 from cleanmessy.params import parse_params
 from cleanmessy.serving.explain import gradcam_function
@@ -19,10 +25,10 @@ from cleanmessy.stages.train import fit_logistic
 NO_AUGMENT = {"flip": "none", "rotation": 0}
 
 
-def multi_view_params(crops=((0.8, 2),), flip=True, size=0, **train):
+def multi_view_params(regions=((0.8, 2),), flip=True, normalize=True, size=0, **train):
     return parse_params({"train": {"arch": "mobilenet", "weights": "none", "augment": NO_AUGMENT, "head": "logistic",
-                                   "views": {"crops": [list(c) for c in crops], "flip": flip, "size": size},
-                                   **train}}).train
+                                   "views": {"regions": [list(r) for r in regions], "flip": flip,
+                                             "normalize": normalize, "size": size}, **train}}).train
 
 
 def test_view_boxes_whole_photo_first_then_grids_corner_to_corner():
@@ -32,20 +38,34 @@ def test_view_boxes_whole_photo_first_then_grids_corner_to_corner():
     np.testing.assert_allclose(boxes[5], [0.25, 0.25, 0.75, 0.75])  # a 1x1 grid is the centre crop
 
 
-def test_multi_view_is_view_major_with_the_whole_photo_first_and_mirrors_last():
+def test_multi_view_puts_the_photos_first_and_their_mirrors_after():
     images = np.random.default_rng(0).integers(0, 255, (3, 20, 20, 3)).astype("float32")
-    layer = MultiView(view_boxes([(0.5, 1)]), size=20, flip=True)
+    layer = MultiView(size=20, flip=True)
     views = np.asarray(layer(images))
-    assert layer.n_views == 4 and views.shape == (12, 20, 20, 3)
-    np.testing.assert_allclose(views[:3], images, atol=1e-4)  # whole photo at its own size: unchanged
-    np.testing.assert_allclose(views[6:9], images[:, :, ::-1], atol=1e-4)  # then the mirrors
-    centre = np.asarray(MultiView([[0.25, 0.25, 0.75, 0.75]], size=10)(images))
-    assert np.abs(centre - images[:, 5:15, 5:15]).mean() < 20  # the centre half (resampled)
+    assert layer.n_passes == 2 and views.shape == (6, 20, 20, 3)
+    np.testing.assert_allclose(views[:3], images, atol=1e-4)  # at its own size: unchanged
+    np.testing.assert_allclose(views[3:], images[:, :, ::-1], atol=1e-4)
+    assert np.asarray(MultiView(size=10)(images)).shape == (3, 10, 10, 3)
+
+
+def test_region_pool_averages_each_boxs_cells():
+    """Box 0 (the whole map) is global average pooling; a 2x2 grid of halves of a 4x4 map takes
+    its four quadrants; a box always covers at least one cell."""
+    maps = np.arange(2 * 4 * 4 * 3, dtype="float32").reshape(2, 4, 4, 3)
+    pooled = np.asarray(RegionPool(view_boxes([(0.5, 2)]))(maps))
+    assert pooled.shape == (2, 5, 3)
+    np.testing.assert_allclose(pooled[:, 0], maps.mean(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(pooled[:, 1], maps[:, :2, :2].mean(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(pooled[:, 4], maps[:, 2:, 2:].mean(axis=(1, 2)), rtol=1e-6)
+    tiny = region_weights([[0.4, 0.4, 0.45, 0.45]], 4, 4)
+    assert tiny.sum() == pytest.approx(1.0) and np.count_nonzero(tiny) == 1
 
 
 def test_view_stack_groups_each_photos_views():
-    rows = np.array([[0.0], [1.0], [10.0], [11.0]])  # view 0 of photos 0, 1; then view 1 of photos 0, 1
-    np.testing.assert_array_equal(np.asarray(ViewStack(2)(rows))[..., 0], [[0, 10], [1, 11]])
+    # pass 0 (photos 0, 1), then pass 1 (their mirrors); 2 regions each
+    rows = np.array([[[0.0], [1.0]], [[10.0], [11.0]], [[100.0], [101.0]], [[110.0], [111.0]]])
+    stacked = np.asarray(ViewStack(2)(rows))[..., 0]
+    np.testing.assert_array_equal(stacked, [[0, 1, 100, 101], [10, 11, 110, 111]])
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])
@@ -65,14 +85,16 @@ def test_logistic_head_equals_scikit_learns_pipeline(n_classes):
 
 
 def test_multi_view_model_saves_loads_and_explains_the_whole_photo(tmp_path):
-    """The custom layers survive a save/load round trip; Grad-CAM returns one map per photo; a
-    forward step holds at most VIEWS_PER_STEP views."""
+    """The custom layers survive a save/load round trip; each photo has 2 x 5 normalised views;
+    Grad-CAM returns one map per photo; a forward step holds at most PASSES_PER_STEP passes."""
     import keras
 
     model = build_model(2, 40, multi_view_params(size=32), seed=0)
-    assert model.get_layer("views").n_views == 10
-    assert photos_per_step(model, 32) == 25
+    assert model.get_layer("views").n_passes == 2
+    assert photos_per_step(model, 512) == 128
     images = np.random.default_rng(2).integers(0, 255, (3, 40, 40, 3)).astype("uint8")
+    assert keras.Model(model.inputs, model.get_layer("view_features").output)(images).shape[:2] == (3, 10)
+    assert isinstance(model.get_layer("view_normalize"), keras.layers.UnitNormalization)
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
@@ -81,9 +103,9 @@ def test_multi_view_model_saves_loads_and_explains_the_whole_photo(tmp_path):
 
 
 @pytest.mark.parametrize(("changes", "words"), [
-    ({"views": {"crops": [[1.5, 2]]}}, "train.views.crops[0]"),
-    ({"views": {"crops": [[0.8]]}}, "train.views.crops[0]"),
-    ({"views": {"crops": [[0.8, 1.5]]}}, "train.views.crops[0]"),
+    ({"views": {"regions": [[1.5, 2]]}}, "train.views.regions[0]"),
+    ({"views": {"regions": [[0.8]]}}, "train.views.regions[0]"),
+    ({"views": {"regions": [[0.8, 1.5]]}}, "train.views.regions[0]"),
     ({"views": {"size": 8}}, "train.views.size"),
     ({"head_c": 0}, "train.head_c"),
     ({"augment": {"flip": "horizontal", "rotation": 0}}, "train.augment.flip none"),

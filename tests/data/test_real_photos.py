@@ -56,7 +56,7 @@ WEIGHTS = REAL_PHOTOS.parents[1] / "keras-weights"
 
 @pytest.mark.skipif(not (WEIGHTS / "mobilenet_v2_0.35_224_no_top_tm.h5").is_file(), reason=f"no weights in {WEIGHTS}")
 def test_best_configuration_learns_the_real_photos(tmp_path, monkeypatch):
-    """Model behaviour: the real-photo configuration (MobileNetV2 0.35, logistic head, 28 views)
+    """Model behaviour: the real-photo configuration (MobileNetV2 0.35, logistic head, 20 views)
     trained on the default split's 152 training photos gets at least 18 of the 20 held-out test
     photos right. Chance is 10; the seed CNN gets 11."""
     import numpy as np

@@ -268,12 +268,12 @@ def test_multi_view_experiment_registers_a_model_that_predict_loads(tiny_project
 def _run_multi_view_experiment(project: Path, name: str, tmp_path: Path) -> None:
     run(["dvc", "exp", "run", "-n", "multiview", "-S", "train.arch=mobilenet", "-S", "train.weights=none",
          "-S", "train.augment.flip=none", "-S", "train.augment.rotation=0", "-S", "train.head=logistic",
-         "-S", "train.views.crops=[[0.8,2]]", "-S", "train.views.flip=true", "-S", f"evaluate.model_name={name}"],
+         "-S", "train.views.regions=[[0.8,2]]", "-S", "train.views.flip=true", "-S", "train.views.normalize=true", "-S", f"evaluate.model_name={name}"],
         project)
     history = pd.read_csv(project / "pipeline/history.csv")
     assert list(history["phase"]) == ["head"]
     params = client(project).get_run(run_info(project)["run_id"]).data.params
-    assert params["train.head"] == "logistic" and params["train.views.crops"] == "[[0.8, 2.0]]"
+    assert params["train.head"] == "logistic" and params["train.views.regions"] == "[[0.8, 2.0]]"
     photos = sorted((project / "data/images").rglob("*.png"))[:4]
     out = tmp_path / "predictions.csv"
     run(["cleanmessy", "predict", *map(str, photos), "--model-name", name, "--stage", "staging", "--out", str(out)],

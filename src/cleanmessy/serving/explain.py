@@ -2,7 +2,7 @@
 
 The heat map is the ReLU of the last convolutional feature maps, weighted by the mean gradient of
 the class score over each map, scaled to [0, 1] and resized to the photo. A multi-view model's
-convolution sees every view; the map shown is that of the first view, the whole photo."""
+convolution sees the photo and its mirror; the map shown is the photo's."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def gradcam_function(model: keras.Model, image_size: int):
         grads = tape.gradient(score, features)
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
         cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
-        cam = cam[: tf.shape(images)[0]]  # views are stacked view-major: the whole photos come first
+        cam = cam[: tf.shape(images)[0]]  # passes are stacked pass-major: the photos come first
         cam = cam / (tf.reduce_max(cam, axis=(1, 2), keepdims=True) + 1e-8)
         return probs, cam
 

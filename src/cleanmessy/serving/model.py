@@ -12,7 +12,7 @@ import numpy as np
 from cleanmessy import tracking
 from cleanmessy.errors import UserError
 from cleanmessy.images import to_model_input
-from cleanmessy.models import VIEWS_PER_STEP, photos_per_step  # (importing models registers its custom layers for loading)
+from cleanmessy.models import PASSES_PER_STEP, photos_per_step  # (importing models registers its custom layers for loading)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class ServedModel:
         )
         self._explain = gradcam_function(model, self.image_size)
         self._messy = explained_class(self.class_names)
-        self._photos_per_step = photos_per_step(model, VIEWS_PER_STEP)
+        self._photos_per_step = photos_per_step(model, PASSES_PER_STEP)
         warm = np.zeros((1, self.image_size, self.image_size, 3), np.uint8)
         self._forward(warm)
         self._explain(warm, np.int32(self._messy))

@@ -71,6 +71,7 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, n_classes: int, c: fl
     binary model's one logit z becomes the pair (-z/2, z/2), whose softmax is the same sigmoid."""
     from sklearn.linear_model import LogisticRegression
 
+    features = features.astype(np.float64)  # float32 variances of tiny features underflow to 0
     mean, scale = features.mean(axis=0), features.std(axis=0)
     scale[scale == 0] = 1.0  # constant features (dead units) carry no information
     fitted = LogisticRegression(C=c, max_iter=5000).fit((features - mean) / scale, labels)
