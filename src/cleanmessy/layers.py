@@ -50,7 +50,12 @@ class MultiView(keras.layers.Layer):
     the photos resized to `size` (so Grad-CAM can take the map of the whole photo), then, with
     `flip`, their mirror images."""
 
-    def __init__(self, size: int, flip: bool = False, **kwargs) -> None:
+    def __init__(self, size: int, flip: bool = False, boxes: list[list[float]] | None = None, **kwargs) -> None:
+        # `boxes`: models saved before views became feature-map regions cropped the photo. Those
+        # with the whole photo only are the same model; those with crops need retraining.
+        if boxes is not None and [list(map(float, b)) for b in boxes] != [[0.0, 0.0, 1.0, 1.0]]:
+            raise ValueError("this model crops the photo into views (train.views.crops), which this version "
+                             "no longer supports: retrain it with train.views.regions")
         super().__init__(**kwargs)
         self.size, self.flip = int(size), bool(flip)
 

@@ -48,6 +48,13 @@ def test_multi_view_puts_the_photos_first_and_their_mirrors_after():
     assert np.asarray(MultiView(size=10)(images)).shape == (3, 10, 10, 3)
 
 
+def test_models_saved_with_the_old_whole_photo_view_still_load_and_cropping_ones_say_why():
+    layer = MultiView.from_config({"name": "views", "boxes": [[0, 0, 1, 1]], "size": 20, "flip": True})
+    assert layer.n_passes == 2 and "boxes" not in layer.get_config()
+    with pytest.raises((TypeError, ValueError), match="retrain it with train.views.regions"):
+        MultiView.from_config({"name": "views", "boxes": [[0, 0, 1, 1], [0, 0, 0.8, 0.8]], "size": 20})
+
+
 def test_region_pool_averages_each_boxs_cells():
     """Box 0 (the whole map) is global average pooling; a 2x2 grid of halves of a 4x4 map takes
     its four quadrants; a box always covers at least one cell."""

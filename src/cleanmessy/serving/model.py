@@ -45,7 +45,10 @@ class ServedModel:
         if "class_names" not in meta or "image_size" not in meta:
             raise UserError(f"{version.uri} has no class_names/image_size metadata: it was not logged by "
                             "`cleanmessy evaluate`")
-        keras_model = mlflow.keras.load_model(str(local))
+        try:
+            keras_model = mlflow.keras.load_model(str(local))
+        except (TypeError, ValueError) as exc:  # Keras wraps a layer's refusal to deserialise in a TypeError
+            raise UserError(f"cannot load {version.uri}: {exc}") from None
         card = local / "model_card.md"
         served = cls(version, list(meta["class_names"]), int(meta["image_size"]), keras_model,
                      card.read_text() if card.is_file() else "")

@@ -102,7 +102,7 @@ def main(paths: Paths, params: Params) -> None:
     with mlflow.start_run(run_id=run.run_id):
         try:
             model = keras.models.load_model(paths.model)
-        except (OSError, ValueError) as exc:
+        except (OSError, TypeError, ValueError) as exc:
             raise UserError(f"cannot load {paths.model}: {exc}; run `cleanmessy train` (or `dvc repro`)") from None
         ds = make_dataset(test_frame, paths.root, run.class_names, run.image_size,
                           photos_per_step(model, params.train.batch_size))
