@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.model_selection import RepeatedStratifiedKFold
 
 from cleanmessy.images import load_for_model
-from cleanmessy.layers import region_weights, view_boxes
+from cleanmessy.layers import RegionPool, view_boxes
 from cleanmessy.models import build_model
 from cleanmessy.params import parse_params
 from cleanmessy.stages.cv import summarize
@@ -50,11 +50,14 @@ def feature_maps(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
 
 
 def pooled_views(maps: np.ndarray, regions: list[tuple[float, int]], normalize: bool) -> np.ndarray:
-    """(photos, views, c) as the model's `pool` (and `view_normalize`) layers compute them."""
+    """(photos, views, c): the model's own `pool` (and `view_normalize`) layers on the cached maps."""
+    import keras
+
     n, passes, h, w, c = maps.shape
-    views = np.einsum("rk,npkc->nprc", region_weights(view_boxes(regions), h, w), maps.reshape(n, passes, h * w, c))
-    views = views.reshape(n, -1, c)
-    return views / np.linalg.norm(views, axis=-1, keepdims=True) if normalize else views
+    views = RegionPool(view_boxes(regions))(maps.reshape(n * passes, h, w, c))
+    if normalize:
+        views = keras.layers.UnitNormalization()(views)
+    return keras.ops.convert_to_numpy(views).reshape(n, -1, c)  # each photo's passes, then their regions
 
 
 def cross_validate(views: np.ndarray, labels: np.ndarray, repeats: int, c: float = 0.1, seed: int = 42) -> dict:

@@ -4,8 +4,8 @@ views, and the head averages the views' features. Built into the model, so train
 serving all see the same views (test-time augmentation nobody can forget).
 
 A region of the feature map stands in for a crop of the photo at no extra backbone pass: on the
-192 real photos, 28 crops through the backbone and 20 pooled regions of 2 passes scored the same
-(README, "Results").
+192 real photos, 20 pooled regions of 2 passes scored higher than 28 crops through the backbone
+(README, "Results", bench/views_probe.py).
 
 Import this module before loading a saved model that uses them (the `cleanmessy` loaders do)."""
 
@@ -46,7 +46,7 @@ def region_weights(boxes: list[list[float]], height: int, width: int) -> np.ndar
 
 @keras.saving.register_keras_serializable(package="cleanmessy")
 class MultiView(keras.layers.Layer):
-    """(batch, h, w, c) -> (views * batch, size, size, c), view-major: the first `batch` rows are
+    """(batch, h, w, c) -> (passes * batch, size, size, c), pass-major: the first `batch` rows are
     the photos resized to `size` (so Grad-CAM can take the map of the whole photo), then, with
     `flip`, their mirror images."""
 
