@@ -5,6 +5,7 @@ real browser (Playwright driving Debian's Chromium)."""
 from __future__ import annotations
 
 import os
+import shlex
 import threading
 import urllib.error
 import urllib.request
@@ -20,6 +21,8 @@ from conftest import run, serving
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
 MAX_PIXELS = 1_000_000  # the test server's pixel budget
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update"]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +53,27 @@ def photos(tiny_project, tmp_path_factory) -> dict[str, Path]:
     out.update({name: folder / f"{name}.{ext}" for name, ext in
                 (("rgba", "png"), ("gray", "png"), ("palette", "png"), ("rotated", "jpg"))})
     return out
+
+
+class ServerLog:
+    """The `cleanmessy serve` console (conftest.serving writes it to serve-PORT.log): what appeared
+    since the last call to `new_lines`."""
+
+    def __init__(self, project: Path, url: str) -> None:
+        self.path = project / f"serve-{url.rstrip('/').rsplit(':', 1)[1]}.log"
+        self.seen = len(self.path.read_text())
+
+    def new_lines(self) -> list[str]:
+        text = self.path.read_text()
+        new, self.seen = text[self.seen:], len(text)
+        return new.splitlines()
+
+
+def require_chromium() -> None:
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium (make test does)")
+        pytest.skip("Debian's chromium is not installed (`make test` installs it)")
 
 
 def cli_predictions(project: Path, files: list[Path], tmp_path: Path, *args: str) -> pd.DataFrame:
@@ -96,6 +120,40 @@ def test_model_info_names_the_registered_version(app):
     assert info["test_accuracy"] == pytest.approx(float(version.tags["test_accuracy"]))
     assert info["class_names"] == ["clean", "messy"]
     assert info["model_card"].startswith("# Model card: clean-vs-messy")  # shown in the app's model panel
+    # The tiny pipeline trains on the embedded sample; evaluate records that, and ingest's min_side.
+    data = info["training_data"]
+    assert data["kind"] == "sample" and "not photos" in data["description"]
+    assert set(data["classes"]) == {"clean", "messy"} and data["n_images"] == sum(data["classes"].values())
+    assert info["min_side"] == 32  # ingest.min_side's default, not changed by the tiny params
+    assert info["test_images"] == int(version.tags["test_images"])
+
+
+def test_model_panel_says_what_the_model_was_trained_on():
+    """The panel's words for the embedded sample, for photos, and for versions registered before
+    evaluate recorded the training data."""
+    from cleanmessy.serving.app import data_warning, info_markdown, training_markdown
+    from cleanmessy.serving.model import ServedModel, _training_data
+
+    sample = {"kind": "sample", "n_images": 100, "classes": {"clean": 50, "messy": 50}, "description":
+              "the embedded synthetic sample: cartoon rooms drawn by the project's generator, not photos"}
+    info = {"training_data": sample, "test_accuracy": 1.0, "test_images": 10}
+    assert training_markdown(info) == (
+        "Trained on the embedded synthetic sample: cartoon rooms drawn by the project's generator, not photos — "
+        "100 images (clean 50, messy 50). Test accuracy 100.0 % on 10 held-out images of that data.")
+    assert "not meaningful" in data_warning(info)
+
+    folder = {**sample, "kind": "folder", "description": "photos from the folder ../shared/datasets/clean-messy"}
+    info = {"training_data": folder, "test_accuracy": 0.95, "test_images": 20}
+    assert training_markdown(info).startswith("Trained on photos from the folder ../shared/datasets/clean-messy — ")
+    assert data_warning(info) == ""
+
+    legacy_meta = {"class_names": ["clean", "messy"], "image_size": 32}  # what evaluate logged before
+    assert _training_data(legacy_meta) is None and ServedModel.min_side == 32
+    info = {"name": "clean-vs-messy", "version": "1", "stages": ["production"], "run_id": "abc",
+            "class_names": ["clean", "messy"], "image_size": 32, "training_data": None, "min_side": 32,
+            "test_accuracy": 1.0, "test_images": None}
+    assert "Training data: not recorded" in info_markdown(info) and "Test accuracy 100.0 %." in info_markdown(info)
+    assert data_warning(info) == ""
 
 
 def _bad_files(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
@@ -111,16 +169,41 @@ def _bad_files(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
 
 
 def test_bad_uploads_get_a_clear_message_and_the_server_keeps_serving(app, photos, tmp_path):
-    """Non-image, truncated and over-budget uploads each get their own message; a good photo after
-    them is still classified."""
-    _, url = app
+    """Non-image, truncated and over-budget uploads each get their own message, and one line in the
+    server's console (no traceback); a good photo after them is still classified."""
+    project, url = app
     client = Client(url, verbose=False)
-    for case, (path, words) in _bad_files(tmp_path, photos["messy"]).items():
+    console = ServerLog(project, url)
+    bad = _bad_files(tmp_path, photos["messy"])
+    for case, (path, words) in bad.items():
         with pytest.raises(Exception) as error:
             client.predict(handle_file(str(path)), api_name="/predict")
         assert words in str(error.value), case
     label, _ = client.predict(handle_file(str(photos["messy"])), api_name="/predict")
     assert set(confidences(label)) == {"clean", "messy"}
+    lines = console.new_lines()
+    assert len(lines) <= len(bad) and not any("Traceback" in line for line in lines), lines
+
+
+def test_photos_smaller_than_the_models_min_side_are_refused(app, photos, tmp_path):
+    """A 1x1 or 31x40 photo is refused by the app and the CLI with ingest's reason code; 32x32 passes."""
+    project, url = app
+    client = Client(url, verbose=False)
+    base = Image.open(photos["messy"]).convert("RGB")
+    sizes = {"1x1": (1, 1), "31x40": (31, 40), "32x32": (32, 32)}
+    files = {}
+    for name, size in sizes.items():
+        files[name] = tmp_path / f"{name}.png"
+        base.resize(size).save(files[name])
+    for name in ("1x1", "31x40"):
+        with pytest.raises(Exception) as error:
+            client.predict(handle_file(str(files[name])), api_name="/predict")
+        assert "too_small" in str(error.value) and "32 px" in str(error.value), name
+    label, _ = client.predict(handle_file(str(files["32x32"])), api_name="/predict")
+    assert set(confidences(label)) == {"clean", "messy"}
+    cli = cli_predictions(project, list(files.values()), tmp_path)
+    assert cli["error"][0].startswith("too_small") and cli["error"][1].startswith("too_small")
+    assert cli["error"][2] == "" and cli["label"][2] in ("clean", "messy")
 
 
 def test_concurrent_clients_are_all_answered(app, photos, tmp_path):
@@ -151,30 +234,85 @@ def test_concurrent_clients_are_all_answered(app, photos, tmp_path):
 
 
 def test_browser_upload_shows_label_and_heat_map(app, photos, tmp_path):
-    """In Chromium: upload a photo, click Classify, see the label and the Grad-CAM image."""
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):
-            pytest.fail("CI must install Debian's chromium (make test does)")
-        pytest.skip("Debian's chromium is not installed (`make test` installs it)")
+    """In Chromium: the model panel names the training data and warns that a sample-trained model
+    means nothing on photos; upload a photo, click Classify, see the label and the Grad-CAM image."""
+    require_chromium()
     from playwright.sync_api import expect, sync_playwright
 
     project, url = app
     expected = cli_predictions(project, [photos["messy"]], tmp_path)["label"][0]
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update"])
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url)
-        expect(page.locator("#model-info")).to_contain_text("clean-vs-messy", timeout=30_000)
+        panel = page.locator("#model-info")
+        expect(panel).to_contain_text("clean-vs-messy", timeout=30_000)
+        expect(panel).to_contain_text("Trained on the embedded synthetic sample: cartoon rooms")
+        expect(panel).to_contain_text("held-out images of that data")
+        expect(page.locator("#data-warning")).to_be_visible()
+        expect(page.locator("#data-warning")).to_contain_text("answers on real photos are not meaningful")
         page.locator("#photo input[type=file]").set_input_files(str(photos["messy"]))
         page.locator("#classify").click()
         expect(page.locator("#label")).to_contain_text(expected, timeout=30_000)
         heat = page.locator("#heatmap img")
         expect(heat).to_be_visible(timeout=30_000)
         assert heat.evaluate("img => img.naturalWidth") > 0
+        expect(page.locator("#status")).to_have_text("")
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         browser.close()
+
+
+def test_browser_user_mistakes_get_one_line_and_no_error_state(app, photos, tmp_path):
+    """In Chromium: a text file named .png is refused as soon as it is uploaded (no broken image, a
+    one-line reason), Classify with no photo asks for one, a 1x1 photo is too small; no red "Error"
+    badge or toast anywhere, and at most one console line per mistake, no traceback."""
+    require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    project, url = app
+    notes = tmp_path / "notes.png"
+    notes.write_text("this is not an image")
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1), "white").save(tiny)
+    console = ServerLog(project, url)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+
+        def no_error_state() -> None:
+            page.wait_for_timeout(1000)  # an error badge or toast would be up by now
+            assert page.get_by_text("Error", exact=True).count() == 0
+            assert page.locator(".toast-body").count() == 0
+
+        page.goto(url)
+        expect(page.locator("#model-info")).to_contain_text("clean-vs-messy", timeout=30_000)
+        status = page.locator("#status")
+        page.locator("#photo input[type=file]").set_input_files(str(notes))
+        expect(status).to_contain_text("not an image", timeout=15_000)  # on upload, before any Classify
+        expect(status).to_contain_text("(not_an_image)")
+        expect(page.locator("#photo img")).to_have_count(0)  # the input is emptied: no broken-image icon
+        no_error_state()
+        page.screenshot(path=str(tmp_path / "text-as-png.png"), full_page=True)
+
+        page.reload()
+        expect(page.locator("#model-info")).to_contain_text("clean-vs-messy", timeout=30_000)
+        page.locator("#classify").click()
+        expect(status).to_have_text("Upload or paste a photo first.", timeout=15_000)
+        no_error_state()
+
+        page.locator("#photo input[type=file]").set_input_files(str(tiny))
+        expect(status).to_contain_text("(too_small)", timeout=15_000)
+        expect(status).to_contain_text("1x1 is smaller than 32 px")
+        expect(page.locator("#photo img")).to_have_count(0)
+        no_error_state()
+
+        page.locator("#photo input[type=file]").set_input_files(str(photos["messy"]))  # the app still works
+        expect(status).to_have_text("")
+        page.locator("#classify").click()
+        expect(page.locator("#heatmap img")).to_be_visible(timeout=30_000)
+        browser.close()
+    lines = console.new_lines()
+    assert len(lines) <= 2 and not any("Traceback" in line for line in lines), lines  # two files refused
 
 
 def test_predict_cli_reports_bad_files_per_row(tiny_project, photos, tmp_path):
@@ -189,6 +327,48 @@ def test_predict_cli_reports_bad_files_per_row(tiny_project, photos, tmp_path):
     assert frame["error"][1].startswith("not_an_image") and frame["error"][2].startswith("truncated")
     assert "No such file" in frame["error"][3]
     assert frame["clean"][0] + frame["messy"][0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_table_fits_100_columns(tiny_project, photos, tmp_path):
+    """A batch with long paths and long errors prints lines of at most 100 characters: the table
+    shows each failure's reason code, the full reasons follow it; the CSV keeps them whole. The log
+    says the model was loaded (nothing is served)."""
+    project, _ = tiny_project
+    deep = tmp_path / ("a-folder-with-a-rather-long-name-" * 3) / "and-another-long-one-inside-it"
+    deep.mkdir(parents=True)
+    bad = _bad_files(deep, photos["messy"])
+    files = [photos["clean"], bad["not an image"][0], bad["truncated"][0], deep / "missing.jpg", photos["messy"]]
+    out = tmp_path / "preds.csv"
+    result = run(["cleanmessy", "predict", *map(str, files), "--out", str(out)], project, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 100 for line in lines), max(lines, key=len)
+    frame = pd.read_csv(out).fillna({"label": "", "error": ""})
+    full = [f"{p}: {e}" for p, e in zip(frame["path"], frame["error"]) if e]
+    assert len(full) == 3 and max(map(len, full)) > 100  # what used to stretch the table
+    table = "\n".join(lines)
+    for code in ("not_an_image", "truncated", "unreadable"):
+        assert code in table
+    assert "not classified (3):" in lines
+    flat = " ".join(line.strip() for line in lines)  # the wrapped reasons, read back
+    assert "No such file or directory" in flat and "truncated or corrupt" in flat
+    assert "loaded models:/clean-vs-messy/" in result.stderr and "serving models" not in result.stderr
+
+
+def test_predict_user_mistakes_are_one_line_errors(tiny_project, photos, tmp_path):
+    """Bad options get one line and exit 2; a reader that stops early (`| head`) gets no traceback."""
+    project, _ = tiny_project
+    photo = str(photos["messy"])
+    for args, words in ((["--batch-size", "0"], "--batch-size must be at least 1"),
+                        (["--out", str(tmp_path / "nowhere" / "p.csv")], "does not exist"),
+                        (["--out", str(tmp_path)], "is a folder")):
+        result = run(["cleanmessy", "predict", photo, *args], project, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, args
+        assert result.stderr.strip().splitlines()[-1].startswith("cleanmessy predict: error: "), args
+        assert words in result.stderr, args
+    # More than a pipe's buffer of rows, so the write fails once head has gone.
+    result = run(["bash", "-c", f"cleanmessy predict {' '.join([shlex.quote(photo)] * 1000)} | head -n 1"], project)
+    assert result.stdout.startswith("path") and "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
 
 
 def test_predict_accepts_version_and_legacy_stage_uris(tiny_project, photos, tmp_path):

@@ -18,22 +18,34 @@ from cleanmessy import sample
 from cleanmessy.errors import UserError
 from cleanmessy.images import DEFAULT_MAX_PIXELS, ImageError, open_rgb
 from cleanmessy.serving.explain import overlay
-from cleanmessy.serving.model import ServedModel
+from cleanmessy.serving.model import DEFAULT_MIN_SIDE, ServedModel
 
 log = logging.getLogger(__name__)
 MAX_UPLOAD = "25mb"
+PANEL_HEIGHT = 320  # px: photo and heat map keep their panel size whatever the photo's size
+CSS = """
+#data-warning { border: 2px solid #d97706; border-radius: 8px; padding: 0.25em 1em; background: #fef3c7; }
+#data-warning * { color: #78350f !important; }
+#status p { font-weight: 600; color: #b91c1c; }
+#photo img, #heatmap img { width: 100%; height: 100%; object-fit: contain; }
+"""
 
 
 class PhotoInput(gr.Image):
-    """gr.Image whose upload decoding failures become a message in the UI, not a bare "Error"."""
+    """gr.Image that hands the app the uploaded file untouched: the app decodes and checks it with
+    `open_rgb`, like the CLI and ingest, and says what is wrong in words (Gradio's own decoding
+    would fail on a non-image with a bare "Error" and a traceback in the server log)."""
 
     is_template = True  # rendered by the frontend as a plain Image
 
     def preprocess(self, payload):
-        try:
+        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            return str(payload.path)
+        try:  # None, or an image sent inline as a data: URL
             return super().preprocess(payload)
         except (UnidentifiedImageError, OSError, ValueError):
-            raise gr.Error("That file is not an image this app can read (try a JPEG or PNG photo).") from None
+            raise gr.Error(f"Cannot classify this file (not_an_image): {NOT_AN_IMAGE}.",
+                           print_exception=False) from None
 
 
 class HeatMapOutput(gr.Image):
@@ -60,12 +72,54 @@ class HeatMapOutput(gr.Image):
         return super().postprocess(value)
 
 
+def _percent(value: float) -> str:
+    return f"{value * 100:.1f} %"
+
+
+def training_markdown(info: dict) -> str:
+    """The training data and test accuracy, in a sentence or two a user understands."""
+    data, accuracy, n_test = info.get("training_data"), info.get("test_accuracy"), info.get("test_images")
+    if data:
+        text = f"Trained on {data['description'].rstrip('.')}"
+        if data.get("n_images"):
+            counts = ", ".join(f"{c} {n}" for c, n in data.get("classes", {}).items())
+            text += f" — {data['n_images']} images" + (f" ({counts})" if counts else "")
+        text += "."
+        held_out = "held-out images of that data"
+    else:
+        text = "Training data: not recorded (this version was registered before the pipeline recorded it)."
+        held_out = "held-out images"
+    if accuracy is None:
+        text += " Test accuracy: not recorded."
+    else:
+        text += f" Test accuracy {_percent(accuracy)}" + (f" on {n_test} {held_out}" if n_test else "") + "."
+    return text
+
+
+def data_warning(info: dict) -> str:
+    """A warning when the model never saw a photo; empty otherwise."""
+    if (info.get("training_data") or {}).get("kind") != "sample":
+        return ""
+    return ("**Not trained on photos.** This model learned from synthetic cartoon rooms only, so its answers "
+            "on real photos are not meaningful (the test accuracy above is on cartoons too). To classify "
+            "photos, train the pipeline on a folder of photos (see the README).")
+
+
 def info_markdown(info: dict) -> str:
-    accuracy = "n/a" if info["test_accuracy"] is None else f"{info['test_accuracy']:.1%}"
     stages = ", ".join(info["stages"]) or "none"
     return (f"**Model** `{info['name']}` version **{info['version']}** · stage: **{stages}** · "
-            f"test accuracy: **{accuracy}** · run `{info['run_id']}` · classes: {', '.join(info['class_names'])} · "
-            f"input {info['image_size']} px")
+            f"run `{info['run_id']}` · classes: {', '.join(info['class_names'])} · input {info['image_size']} px · "
+            f"photos from {info.get('min_side', DEFAULT_MIN_SIDE)} px on a side\n\n{training_markdown(info)}")
+
+
+NOT_AN_IMAGE = "not an image this app can read; try a JPEG or PNG photo"
+NO_PHOTO = "Upload or paste a photo first."
+
+
+def rejection(exc: ImageError) -> str:
+    """One line for the user: what is wrong with the file, with ingest's reason code."""
+    detail = NOT_AN_IMAGE if exc.reason == "not_an_image" else str(exc)
+    return f"Cannot classify this file ({exc.reason}): {detail}."
 
 
 def example_photos(folder: Path, per_class: int = 2) -> list[str]:
@@ -83,15 +137,53 @@ def example_photos(folder: Path, per_class: int = 2) -> list[str]:
 def build_app(served: ServedModel, examples: list[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> gr.Blocks:
     info = served.info()
 
-    def classify(photo_path: str | None):
-        if not photo_path:
-            raise gr.Error("Upload or paste a photo first.")
+    def open_photo(photo_path: str) -> Image.Image:
+        """The photo in RGB, or ImageError with ingest's reason code (too_small below the model's min_side)."""
         try:
-            photo, _ = open_rgb(Path(photo_path), max_pixels=max_pixels)
-        except ImageError as exc:
-            raise gr.Error(f"Cannot classify this file: {exc}.") from None
+            photo, _ = open_rgb(Path(photo_path), min_side=served.min_side, max_pixels=max_pixels)
+        except OSError as exc:  # vanished from Gradio's cache, unreadable
+            raise ImageError("unreadable", f"the uploaded file could not be read ({exc.strerror or exc})") from None
+        return photo
+
+    def refuse(photo_path: str, exc: ImageError) -> str:
+        # A user's mistake: one line in the server log, no traceback.
+        log.warning("refused %s: %s: %s", Path(photo_path).name, exc.reason, exc)
+        return rejection(exc)
+
+    def predict(photo):
         probs, cam = served.explain(photo)
         return {c: float(p) for c, p in zip(served.class_names, probs)}, overlay(photo, cam)
+
+    def check_upload(photo_path: str | None):
+        """On upload: a file that cannot be classified is removed from the input (no broken-image
+        icon) and the reason shown at once."""
+        if not photo_path:
+            return gr.skip(), gr.skip()
+        try:
+            open_photo(photo_path)
+        except ImageError as exc:
+            return None, refuse(photo_path, exc)
+        return gr.skip(), gr.skip()
+
+    def classify_in_browser(photo_path: str | None):
+        """The Classify button: mistakes become a message under the button, not an error state."""
+        if not photo_path:
+            return None, None, NO_PHOTO
+        try:
+            photo = open_photo(photo_path)
+        except ImageError as exc:
+            return None, None, refuse(photo_path, exc)
+        return *predict(photo), ""
+
+    def classify(photo_path: str | None):
+        """The `/predict` API: a file that cannot be classified is an error with the reason."""
+        if not photo_path:
+            raise gr.Error(NO_PHOTO, print_exception=False)
+        try:
+            photo = open_photo(photo_path)
+        except ImageError as exc:
+            raise gr.Error(refuse(photo_path, exc), print_exception=False) from None
+        return predict(photo)
 
     def model_info() -> dict:
         return info
@@ -99,6 +191,8 @@ def build_app(served: ServedModel, examples: list[str], max_pixels: int = DEFAUL
     with gr.Blocks(title="Clean vs Messy") as demo:
         gr.Markdown("# Clean vs Messy\nIs this room tidy or cluttered? Upload or paste a photo.")
         gr.Markdown(info_markdown(info), elem_id="model-info")
+        if warning := data_warning(info):
+            gr.Markdown(warning, elem_id="data-warning")
         if served.model_card:
             with gr.Accordion("Model card", open=False):
                 gr.Markdown(served.model_card)
@@ -106,16 +200,27 @@ def build_app(served: ServedModel, examples: list[str], max_pixels: int = DEFAUL
             with gr.Column():
                 # image_mode=None: Gradio hands over the uploaded file untouched, so the app decodes it
                 # with the same function as the CLI and training (Gradio's RGBA->RGB turns alpha black).
-                photo = PhotoInput(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Room photo",
-                                   elem_id="photo")
+                photo = PhotoInput(type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                   label="Room photo", elem_id="photo", height=PANEL_HEIGHT)
                 submit = gr.Button("Classify", variant="primary", elem_id="classify")
+                status = gr.Markdown("", elem_id="status")
                 gr.Examples(examples, inputs=photo, label="Examples (synthetic sample rooms)")
             with gr.Column():
                 label = gr.Label(num_top_classes=len(served.class_names), label="Prediction", elem_id="label")
                 # JPEG: 0.2 ms to encode a 256 px overlay against 7 ms for Gradio's default WebP.
                 heat = HeatMapOutput(type="pil", format="jpeg", label='Grad-CAM: regions that drove the "messy" score',
-                                elem_id="heatmap", interactive=False)
-        submit.click(classify, photo, [label, heat], api_name="predict")
+                                elem_id="heatmap", interactive=False, height=PANEL_HEIGHT)
+        # A new photo: the old results and message go at once, in the browser (a server round trip
+        # could land after a quick Classify), then the server checks the file.
+        photo.upload(None, None, [label, heat, status], js="() => [null, null, '']")
+        photo.upload(check_upload, photo, [photo, status], show_progress="hidden", api_visibility="private")
+        photo.clear(lambda: "", None, status, show_progress="hidden", api_visibility="private")
+        submit.click(classify_in_browser, photo, [label, heat, status], show_progress_on=[label, heat],
+                     api_visibility="private")
+        # Programmatic clients (gradio_client) call /predict: same inputs and outputs, errors as errors.
+        # The browser never triggers it; the hidden button only carries the endpoint.
+        api_trigger = gr.Button(visible=False, elem_id="predict-api")
+        api_trigger.click(classify, photo, [label, heat], api_name="predict")
         gr.api(model_info, api_name="model_info")
     return demo
 
@@ -138,7 +243,12 @@ def serve(model_uri: str, host: str, port: int, auth: str | None, max_pixels: in
     examples_dir = Path(tempfile.mkdtemp(prefix="cleanmessy-examples-"))
     demo = build_app(served, example_photos(examples_dir), max_pixels)
     demo.queue(default_concurrency_limit=2)
+    try:
+        demo.launch(server_name=host, server_port=port, share=False, auth=credentials, ssr_mode=False,
+                    max_file_size=MAX_UPLOAD, allowed_paths=[str(examples_dir)], show_error=True,
+                    quiet=True, enable_monitoring=False, css=CSS, prevent_thread_lock=True)
+    except OSError:  # Gradio says "Cannot find empty port" for both causes
+        raise UserError(f"cannot serve on {host}:{port}: the port is in use, or {host} is not an address of "
+                        "this machine; choose another --port (or --host)") from None
     log.info("serving on http://%s:%d", host, port)
-    demo.launch(server_name=host, server_port=port, share=False, auth=credentials, ssr_mode=False,
-                max_file_size=MAX_UPLOAD, allowed_paths=[str(examples_dir)], show_error=True,
-                quiet=True, enable_monitoring=False)
+    demo.block_thread()

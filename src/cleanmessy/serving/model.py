@@ -1,5 +1,6 @@
-"""A registered model, loaded once for serving: the Keras model from MLflow, its class names and
-input size (from the MLmodel metadata), a compiled inference function and Grad-CAM."""
+"""A registered model, loaded once for serving: the Keras model from MLflow, its class names, input
+size, training data and smallest accepted photo side (from the MLmodel metadata), a compiled
+inference function and Grad-CAM."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from cleanmessy.models import PASSES_PER_STEP, photos_per_step  # (importing mod
 
 log = logging.getLogger(__name__)
 
+# Models registered before evaluate recorded `min_side` were trained on data ingested with the
+# default ingest.min_side.
+DEFAULT_MIN_SIDE = 32
+
 
 def explained_class(class_names: list[str]) -> int:
     """The class whose score the heat map explains: "messy" when the model has it, else the last."""
@@ -31,17 +36,26 @@ class ServedModel:
     image_size: int
     keras_model: object
     model_card: str = ""
+    # What evaluate recorded about the training data: {"kind", "description", "n_images", "classes"};
+    # None for versions registered before it did.
+    training_data: dict | None = None
+    min_side: int = DEFAULT_MIN_SIDE  # photos smaller than this on a side are refused, as ingest refused them
+    test_images: int | None = None  # how many held-out images test_accuracy was measured on
 
     @classmethod
     def load(cls, model_uri: str) -> ServedModel:
         """Resolve `model_uri` in the configured registry, download and load that exact version."""
         import mlflow
         import mlflow.keras
+        from mlflow.exceptions import MlflowException
         from mlflow.models import Model
 
         version = tracking.resolve_version(model_uri)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.uri))
-        meta = Model.load(str(local)).metadata or {}
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.uri))
+            meta = Model.load(str(local)).metadata or {}
+        except (MlflowException, OSError) as exc:  # artifacts deleted or the store unreachable
+            raise UserError(f"cannot download {version.uri} from the registry: {exc}") from None
         if "class_names" not in meta or "image_size" not in meta:
             raise UserError(f"{version.uri} has no class_names/image_size metadata: it was not logged by "
                             "`cleanmessy evaluate`")
@@ -51,7 +65,9 @@ class ServedModel:
             raise UserError(f"cannot load {version.uri}: {exc}") from None
         card = local / "model_card.md"
         served = cls(version, list(meta["class_names"]), int(meta["image_size"]), keras_model,
-                     card.read_text() if card.is_file() else "")
+                     card.read_text() if card.is_file() else "", training_data=_training_data(meta),
+                     min_side=_positive_int(meta.get("min_side")) or DEFAULT_MIN_SIDE,
+                     test_images=_positive_int(_version_tag(version, "test_images")))
         served._compile()
         return served
 
@@ -72,7 +88,7 @@ class ServedModel:
         warm = np.zeros((1, self.image_size, self.image_size, 3), np.uint8)
         self._forward(warm)
         self._explain(warm, np.int32(self._messy))
-        log.info("serving %s (%s), classes %s, %d px", self.version.uri, ",".join(self.version.aliases) or "no alias",
+        log.info("loaded %s (%s), classes %s, %d px", self.version.uri, ",".join(self.version.aliases) or "no alias",
                  self.class_names, self.image_size)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -90,5 +106,36 @@ class ServedModel:
         """What the app shows and the `model_info` endpoint returns."""
         v = self.version
         return {"name": v.name, "version": v.version, "stages": v.aliases, "test_accuracy": v.test_accuracy,
-                "run_id": v.run_id, "uri": v.uri, "class_names": self.class_names, "image_size": self.image_size,
+                "test_images": self.test_images, "run_id": v.run_id, "uri": v.uri, "class_names": self.class_names,
+                "image_size": self.image_size, "training_data": self.training_data, "min_side": self.min_side,
                 "promotion": v.description, "model_card": self.model_card}
+
+
+def _positive_int(value) -> int | None:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+def _training_data(meta: dict) -> dict | None:
+    """The MLmodel's `training_data`, or None when this version predates it (or it is malformed)."""
+    data = meta.get("training_data")
+    if not isinstance(data, dict) or not data.get("description"):
+        return None
+    classes = data.get("classes") if isinstance(data.get("classes"), dict) else {}
+    return {"kind": str(data.get("kind", "")), "description": str(data["description"]),
+            "n_images": _positive_int(data.get("n_images")),
+            "classes": {str(c): int(n) for c, n in classes.items() if isinstance(n, int) and n >= 0}}
+
+
+def _version_tag(version: tracking.RegisteredVersion, key: str) -> str | None:
+    """A tag of the registered version (RegisteredVersion carries only test_accuracy)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient().get_model_version(version.name, version.version).tags.get(key)
+    except MlflowException:
+        return None

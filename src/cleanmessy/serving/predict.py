@@ -1,21 +1,30 @@
 """`cleanmessy predict PATH...`: classify photos with a registered model, in batches.
 
-Unreadable files get a row with the reason in `error`; they never stop the batch."""
+Unreadable files, and photos smaller than the model's `min_side`, get a row with the reason in
+`error`; they never stop the batch. The printed table fits a 100-column terminal: failed rows show
+their reason code, the full reasons are listed under the table (and kept whole in the --out CSV)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from cleanmessy.images import DEFAULT_MAX_PIXELS, ImageError, is_image_name, load_for_model
-from cleanmessy.serving.model import ServedModel
+from cleanmessy.errors import UserError
+from cleanmessy.images import DEFAULT_MAX_PIXELS, ImageError, is_image_name, open_rgb, to_model_input
+
+if TYPE_CHECKING:
+    from cleanmessy.serving.model import ServedModel
 
 log = logging.getLogger(__name__)
+WIDTH = 100  # printed lines fit a 100-column terminal
 
 
 def collect(paths: list[Path]) -> list[Path]:
@@ -44,7 +53,8 @@ def predict_files(served: ServedModel, files: list[Path], batch_size: int = 32,
         for path in chunk:
             row = {"path": str(path), "label": "", **{c: np.nan for c in served.class_names}, "error": ""}
             try:
-                arrays.append(load_for_model(path, served.image_size, max_pixels))
+                photo, _ = open_rgb(path, min_side=served.min_side, max_pixels=max_pixels)
+                arrays.append(to_model_input(photo, served.image_size))
                 ok_rows.append(row)
             except ImageError as exc:
                 row["error"] = f"{exc.reason}: {exc}"
@@ -59,21 +69,70 @@ def predict_files(served: ServedModel, files: list[Path], batch_size: int = 32,
     return pd.DataFrame(rows, columns=["path", "label", *served.class_names, "error"])
 
 
+def _shorten(text: str, width: int) -> str:
+    """`text` cut to `width` characters, keeping its end (a path's file name): "...s/clean_0001.png"."""
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def render(frame: pd.DataFrame, class_names: list[str], width: int = WIDTH) -> str:
+    """The table for the terminal, then the failed files with their full reasons. Lines fit `width`
+    (unless there are too many classes for it): long paths are shortened in the table, from the
+    front, and wrapped below it."""
+    errors = frame["error"].astype(str)
+    status = [e.split(":", 1)[0] if e else "ok" for e in errors]  # the reason code: not_an_image, too_small, ...
+    columns = {"label": frame["label"].astype(str).tolist(), "status": status}
+    for c in class_names:
+        columns[c] = ["" if pd.isna(v) else f"{v:.4f}" for v in frame[c]]
+    widths = {name: max(len(name), *(len(v) for v in values)) for name, values in columns.items()}
+    path_width = max(16, width - sum(widths.values()) - 2 * len(widths))
+    paths = [_shorten(str(p), path_width) for p in frame["path"]]
+    path_width = max(len("path"), *(len(p) for p in paths))
+    order = ["label", *class_names, "status"]
+    right = set(class_names)
+
+    def line(path: str, values: dict[str, str]) -> str:
+        cells = [path.ljust(path_width)] + [values[n].rjust(widths[n]) if n in right else values[n].ljust(widths[n])
+                                            for n in order]
+        return "  ".join(cells).rstrip()
+
+    lines = [line("path", {n: n for n in order})]
+    lines += [line(p, {n: columns[n][i] for n in order}) for i, p in enumerate(paths)]
+    failed = [(str(p), e) for p, e in zip(frame["path"], errors) if e]
+    if failed:
+        lines += ["", f"not classified ({len(failed)}):"]
+        for path, error in failed:
+            lines += textwrap.wrap(f"{path}: {error}", width, initial_indent="  ", subsequent_indent="    ",
+                                   break_on_hyphens=False)
+    return "\n".join(lines)
+
+
 def run(paths: list[Path], model_uri: str, out: Path | None, batch_size: int) -> int:
     """The CLI command: prints a table, writes CSV if asked; exit 1 if any file failed."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise UserError(f"--out {out}: " + ("is a folder; give a file name" if out.is_dir()
+                                             else f"folder {out.parent} does not exist"))
     files = collect(paths)
     if not files:
         print("predict: no image files found in the given paths", file=sys.stderr)
         return 1
+    from cleanmessy.serving.model import ServedModel  # TensorFlow: only once the options are known good
+
     served = ServedModel.load(model_uri)
     frame = predict_files(served, files, batch_size)
-    with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 80):
-        print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep=""))
+    try:
+        print(render(frame, served.class_names), flush=True)
+    except BrokenPipeError:  # `cleanmessy predict ... | head`: the reader left; the CSV is still written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if out is not None:
-        frame.to_csv(out, index=False)
+        try:
+            frame.to_csv(out, index=False)
+        except OSError as exc:
+            raise UserError(f"cannot write --out {out}: {exc.strerror or exc}") from None
         print(f"predict: wrote {len(frame)} rows to {out}", file=sys.stderr)
     failed = int((frame["error"] != "").sum())
     if failed:
-        print(f"predict: {failed} of {len(frame)} files could not be classified (see the error column)",
+        print(f"predict: {failed} of {len(frame)} files could not be classified (reasons under the table)",
               file=sys.stderr)
     return 1 if failed else 0
