@@ -66,8 +66,18 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **extra_env: str) -> subp
 
 
 def set_params(project: Path, changes: dict) -> None:
-    path = project / "params.yaml"
-    path.write_text(yaml.safe_dump(with_changes(yaml.safe_load(path.read_text()), changes), sort_keys=False))
+    """Edit params.yaml as `dvc exp run -S` does (DVC's own round-trip writer: comments and style kept)."""
+    from dvc.utils.serialize import modify_yaml
+
+    def apply(target: dict, nested: dict) -> None:
+        for key, value in nested.items():
+            if isinstance(value, dict):
+                apply(target.setdefault(key, {}), value)
+            else:
+                target[key] = value
+
+    with modify_yaml(project / "params.yaml") as data:
+        apply(data, changes)
 
 
 def copy_project(dest: Path, params: dict | None = None, sample: dict | None = None) -> Path:

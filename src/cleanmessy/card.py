@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-KNOWN_LIMITS = """\
+PHOTO_LIMITS = """\
 - Trained on few photos: test accuracy on 20–30 images moves 3–5 points per image. Read the
   interval, not the point estimate.
 - In the public clean/messy room photos, clean rooms are often staged interior shots and messy
@@ -14,6 +14,32 @@ KNOWN_LIMITS = """\
 - Labels are borderline for some rooms (a few toys on a tidy floor count as messy).
 - The model sees the photo squashed to a square of the input size; tiny clutter may vanish.
 - Not for decisions about people: it classifies rooms, not their occupants."""
+
+SYNTHETIC_LIMITS = """\
+- **Trained only on synthetic pictures**: flat cartoon rooms that the project's generator draws,
+  where "messy" means many objects at random angles. It has never seen a photo. Its answers on
+  real photos are not meaningful, however confident they look; train on photos for that
+  (`ingest.source`, see the README).
+- Its test accuracy is measured on more synthetic pictures of the same kind, so it says nothing
+  about real rooms.
+- The model sees the picture squashed to a square of the input size."""
+
+SOURCE_KINDS = {
+    "sample": "the embedded synthetic sample: cartoon rooms drawn by the project's generator, not photos",
+    "folder": "photos from the folder {source}",
+    "zip": "photos from the archive {source}",
+    "url": "photos downloaded from {source}",
+}
+
+
+def describe_data(ingest_report: dict[str, Any]) -> dict[str, Any]:
+    """What a model was trained on, for people: the kind of source, a sentence, the image counts
+    (from data/ingest_report.json). Kept in the registered model's metadata and shown by the app."""
+    kind = ingest_report.get("source_kind", "folder")
+    classes = dict(ingest_report["classes"])
+    return {"kind": kind, "description": SOURCE_KINDS.get(kind, SOURCE_KINDS["folder"]).format(
+                source=ingest_report["source"]),
+            "n_images": int(sum(classes.values())), "classes": classes}
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -24,12 +50,14 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # rounded: float noise like 0.9999999999999999 reads as a bug in a table
+    return round(max(0.0, centre - half), 6), round(min(1.0, centre + half), 6)
 
 
 def render_card(name: str, data: dict[str, Any], train: dict[str, Any], test: dict[str, Any]) -> str:
-    """Markdown for `name`: the data (source, counts, manifest hash), the architecture and its
-    params, test metrics with their interval, per-class recall, and known limits."""
+    """Markdown for `name`: the data (what it is in words, source, counts, manifest hash), the
+    params the model used, test metrics with their interval, per-class recall, and the known
+    limits of a model trained on that kind of data."""
     lo, hi = test["accuracy_ci95_low"], test["accuracy_ci95_high"]
     correct = round(test["accuracy"] * test["n"])
     auc = "n/a" if test["roc_auc"] is None else f"{test['roc_auc']:.3f}"
@@ -40,6 +68,7 @@ def render_card(name: str, data: dict[str, Any], train: dict[str, Any], test: di
     return f"""# Model card: {name}
 
 ## Data
+Trained on {data['description']}.
 - Source: `{data['source']}`
 - Images: {data['n_images']} ({', '.join(f'{c}: {n}' for c, n in data['classes'].items())}); splits {counts}
 - Manifest sha256: `{data['manifest_sha256']}`
@@ -58,5 +87,5 @@ def render_card(name: str, data: dict[str, Any], train: dict[str, Any], test: di
 {rows}
 
 ## Known limits
-{KNOWN_LIMITS}
+{SYNTHETIC_LIMITS if data['kind'] == 'sample' else PHOTO_LIMITS}
 """

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import logging
 import os
 import sys
 from pathlib import Path
 
+from cleanmessy.console import filter_stderr, setup_logging
 from cleanmessy.errors import UserError
 from cleanmessy.images import DEFAULT_MAX_PIXELS
 
@@ -17,6 +16,7 @@ from cleanmessy.images import DEFAULT_MAX_PIXELS
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's INFO lines are about MLflow, not the run
 
 STAGES = {
     "ingest": "read the source (params: ingest.*) into data/images and data/manifest.csv",
@@ -29,13 +29,9 @@ STAGES = {
 
 
 def _run_stage(args: argparse.Namespace) -> None:
-    from cleanmessy.params import load_params
-    from cleanmessy.project import project_paths
+    from cleanmessy.stages import run_stage
 
-    paths = project_paths()
-    params = load_params(paths.params)
-    module = importlib.import_module(f"cleanmessy.stages.{args.command}")
-    module.main(paths, params)
+    run_stage(args.command)
 
 
 def _exp_flags(args: argparse.Namespace) -> None:
@@ -125,10 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("alembic", "mlflow.store", "urllib3", "httpx", "absl", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(args.verbose)
+    if args.func is not _exp_flags:  # every other command may load TensorFlow
+        filter_stderr()
     try:
         status = args.func(args)
     except UserError as exc:

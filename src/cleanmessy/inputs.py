@@ -5,6 +5,7 @@ Decoding goes through `images.load_for_model`, the same function predict and the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,11 @@ def image_read_errors() -> Iterator[None]:
             raise
         raise UserError(f"{_UNREADABLE} {found.group(1)}; rerun `dvc repro --force ingest` to rebuild "
                         "data/images from the source") from None
+
+
+def manifest_hash(manifest_csv: Path) -> str:
+    """Content hash of the manifest: the data lineage tag on MLflow runs and dataset digest."""
+    return hashlib.sha256(manifest_csv.read_bytes()).hexdigest()
 
 
 def read_split(csv: Path) -> pd.DataFrame:

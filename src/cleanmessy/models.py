@@ -3,6 +3,12 @@ rescaling and augmentation, so the saved model is all a server needs: no preproc
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
 import keras
 from keras import layers
 
@@ -141,3 +147,25 @@ def build_model(n_classes: int, image_size: int, p: TrainParams, seed: int) -> k
     """The architecture `train.arch` names, compiled with Adam and sparse cross-entropy."""
     keras.utils.set_random_seed(seed)
     return compile_model(ARCHITECTURES[p.arch](n_classes, image_size, p, seed), p.learning_rate)
+
+
+def save_model(model: keras.Model, path: Path) -> None:
+    """`model.save(path)`, byte-identical for identical weights. Keras stamps the time into the
+    archive (metadata.json's date_saved, the zip entries' dates), which would give the same model a
+    new hash on every run: DVC would then see a changed output and dvc.lock would differ after
+    every fresh `dvc repro`."""
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        saved = Path(tmp) / "model.keras"
+        model.save(saved)
+        stable = Path(tmp) / "stable.keras"
+        with zipfile.ZipFile(saved) as src, zipfile.ZipFile(stable, "w") as out:
+            for info in sorted(src.infolist(), key=lambda i: i.filename):
+                data = src.read(info)
+                if info.filename == "metadata.json":
+                    meta = json.loads(data)
+                    meta.pop("date_saved", None)
+                    data = json.dumps(meta, sort_keys=True).encode()
+                entry = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+                entry.compress_type, entry.external_attr = info.compress_type, 0o644 << 16
+                out.writestr(entry, data)
+        os.replace(stable, path)

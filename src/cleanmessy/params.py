@@ -283,3 +283,19 @@ def flatten(params: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def used_train_params(t: TrainParams) -> dict[str, Any]:
+    """The `train.*` params the chosen architecture and head actually use, flattened: what MLflow
+    and the model card show (a seed_cnn run has no ImageNet weights, a logistic head no epochs)."""
+    flat = flatten(t, "train.")
+    keys = {"arch", "batch_size", "augment.flip", "augment.rotation"}
+    if t.arch == "seed_cnn":
+        keys |= {"epochs", "learning_rate", "patience", "filters", "dense_units", "dropout"}
+    else:
+        keys |= {"alpha", "weights", "head", "fine_tune_layers", "views.regions", "views.flip", "views.normalize",
+                 "views.size"}
+        keys |= {"epochs", "learning_rate", "patience", "dropout"} if t.head == "dense" else {"head_c"}
+        if t.fine_tune_layers > 0 and t.fine_tune_epochs > 0:
+            keys |= {"fine_tune_epochs", "fine_tune_learning_rate", "patience"}
+    return {k: v for k, v in flat.items() if k.removeprefix("train.") in keys}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cleanmessy.errors import UserError
@@ -28,11 +28,29 @@ def find_root(start: Path | None = None) -> Path:
     )
 
 
+# Written by the stages but not DVC data: the MLflow store, and which MLflow run trained the
+# workspace's model (a run id differs on every run, so it must not be a DVC output).
+UNTRACKED = ("mlruns", "pipeline/mlflow_run.json")
+
+
 @dataclass(frozen=True)
 class Paths:
-    """The project's file layout (mirrors dvc.yaml's deps and outs)."""
+    """The project's file layout (mirrors dvc.yaml's deps and outs).
+
+    With `declared` (what a stage's dvc.yaml entry lists), asking for any other file raises
+    `cleanmessy.stages.UndeclaredInput`: a stage cannot read what DVC does not know it reads."""
 
     root: Path
+    declared: frozenset[str] | None = field(default=None, compare=False)
+    stage: str = field(default="", compare=False)
+
+    def _at(self, rel: str) -> Path:
+        if self.declared is not None and not any(
+                rel == d or rel.startswith(f"{d}/") or d.startswith(f"{rel}/") for d in (*self.declared, *UNTRACKED)):
+            from cleanmessy.stages import UndeclaredInput
+
+            raise UndeclaredInput(f"stage '{self.stage}' uses {rel}, which its dvc.yaml entry does not declare")
+        return self.root / rel
 
     @property
     def params(self) -> Path:
@@ -41,52 +59,66 @@ class Paths:
     # data/: ingest and split outputs
     @property
     def images(self) -> Path:
-        return self.root / "data" / "images"
+        return self._at("data/images")
 
     @property
     def manifest(self) -> Path:
-        return self.root / "data" / "manifest.csv"
+        return self._at("data/manifest.csv")
 
     @property
     def ingest_report(self) -> Path:
-        return self.root / "data" / "ingest_report.json"
+        return self._at("data/ingest_report.json")
 
     @property
     def splits(self) -> Path:
-        return self.root / "data" / "splits"
+        return self._at("data/splits")
 
     def split_csv(self, split: str) -> Path:
-        return self.splits / f"{split}.csv"
+        return self._at(f"data/splits/{split}.csv")
 
     # pipeline/: train, evaluate and plot outputs
     @property
     def model(self) -> Path:
-        return self.root / "pipeline" / "model.keras"
+        return self._at("pipeline/model.keras")
 
     @property
     def history(self) -> Path:
-        return self.root / "pipeline" / "history.csv"
+        return self._at("pipeline/history.csv")
 
     @property
     def run_info(self) -> Path:
-        return self.root / "pipeline" / "run.json"
+        return self._at("pipeline/run.json")
 
     @property
     def metrics(self) -> Path:
-        return self.root / "pipeline" / "metrics.json"
+        return self._at("pipeline/metrics.json")
+
+    @property
+    def evaluation(self) -> Path:
+        """The full test evaluation (per-class metrics, confusion matrix); metrics.json holds the headline."""
+        return self._at("pipeline/evaluation.json")
 
     @property
     def predictions(self) -> Path:
-        return self.root / "pipeline" / "predictions.csv"
+        return self._at("pipeline/predictions.csv")
+
+    @property
+    def training_run(self) -> Path:
+        """The id of the MLflow run that trained pipeline/model.keras (see UNTRACKED)."""
+        return self._at("pipeline/mlflow_run.json")
+
+    @property
+    def cv_report(self) -> Path:
+        return self._at("pipeline/cv.json")
 
     @property
     def plots(self) -> Path:
-        return self.root / "pipeline" / "plots"
+        return self._at("pipeline/plots")
 
     # mlruns/: the local MLflow store (never a DVC output: `dvc repro` deletes outputs first)
     @property
     def mlruns(self) -> Path:
-        return self.root / "mlruns"
+        return self._at("mlruns")
 
 
 def project_paths(start: Path | None = None) -> Paths:

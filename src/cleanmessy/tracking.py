@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import subprocess
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -21,12 +23,21 @@ from cleanmessy.project import Paths
 
 EXPERIMENT = "clean-vs-messy"
 STAGES = ("staging", "production")  # registry stages, held as MLflow aliases
+EXPERIMENT_TAGS = {"mlflow.note.content": "Clean vs Messy: one run per `dvc repro` / `dvc exp run` that trained, "
+                                          "named after its DVC experiment. Compare runs by their `test_` metrics."}
 
 
 def tracking_uri(paths: Paths) -> str:
     """`MLFLOW_TRACKING_URI` when set (e.g. a team server), else the project's SQLite store.
     Anchored at the project root, so any working directory sees the same store."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlruns / 'mlflow.db'}"
+
+
+def runs_page(base_url: str, experiment_id: str) -> str:
+    """The MLflow UI's page of an experiment's runs. MLflow 3.17's UI opens experiments on its
+    GenAI "Traces" view unless the link asks for the machine-learning view (experiment tags such
+    as mlflow.experimentKind are ignored by that version)."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def setup(paths: Paths) -> str:
@@ -40,9 +51,12 @@ def setup(paths: Paths) -> str:
     if experiment is None:
         # A local store keeps artifacts beside the database, under mlruns/artifacts.
         location = (paths.mlruns / "artifacts").as_uri() if uri.startswith("sqlite:") else None
-        experiment_id = mlflow.create_experiment(name, artifact_location=location)
+        experiment_id = mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     else:
         experiment_id = experiment.experiment_id
+        for key, value in EXPERIMENT_TAGS.items():
+            if experiment.tags.get(key) != value:
+                MlflowClient().set_experiment_tag(experiment_id, key, value)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
@@ -54,12 +68,21 @@ def _git(root: Path, *args: str) -> str:
         return ""
 
 
+# Not code: params are logged as params, data by its hash, and dvc.lock and the pipeline outputs
+# are rewritten by every run (so they would make every run "dirty").
+NOT_CODE = ("params.yaml", "dvc.lock", "data", "pipeline", "mlruns")
+
+
 def lineage_tags(paths: Paths, manifest_sha256: str, source: str) -> dict[str, str]:
-    """Tags that say where a run came from, so runs compare side by side in the MLflow UI."""
+    """Tags that say where a run came from, so runs compare side by side in the MLflow UI.
+    `git_dirty` is true when tracked files other than params.yaml, dvc.lock and outputs differ
+    from `git_commit`: the code that ran is then not the commit's."""
     commit = _git(paths.root, "rev-parse", "HEAD")
+    excluded = [f":(exclude){p}" for p in NOT_CODE]
     tags = {
         "git_commit": commit or "none",
-        "git_dirty": str(bool(_git(paths.root, "status", "--porcelain", "--untracked-files=no"))).lower(),
+        "git_dirty": str(bool(_git(paths.root, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                   *excluded))).lower(),
         "data_manifest_sha256": manifest_sha256,
         "data_source": source,
     }
@@ -72,10 +95,9 @@ def lineage_tags(paths: Paths, manifest_sha256: str, source: str) -> dict[str, s
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What train hands to evaluate and plot (pipeline/run.json)."""
+    """What train hands to evaluate and plot (pipeline/run.json). No MLflow run id: a DVC output
+    must be the same for the same inputs, or every fresh `dvc repro` would change dvc.lock."""
 
-    run_id: str
-    experiment_id: str
     class_names: list[str]
     image_size: int
 
@@ -85,9 +107,80 @@ class RunInfo:
     @classmethod
     def load(cls, path: Path) -> RunInfo:
         try:
-            return cls(**json.loads(path.read_text()))
+            raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise UserError(f"{path} not found: run `cleanmessy train` (or `dvc repro`) first") from None
+        return cls(raw["class_names"], raw["image_size"])
+
+
+def file_md5(path: Path) -> str:
+    """md5 of a file, as dvc.lock records it."""
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remember_training_run(paths: Paths, run_id: str) -> None:
+    """Note which run trained pipeline/model.keras, and tag the run with the model's md5 so the
+    run can be found again after `dvc exp apply` or `dvc checkout` brings an older model back."""
+    md5 = file_md5(paths.model)
+    MlflowClient().set_tag(run_id, "model_md5", md5)
+    paths.training_run.write_text(json.dumps({"run_id": run_id, "model_md5": md5}) + "\n")
+
+
+def training_run_id(paths: Paths, experiment_id: str) -> str:
+    """The MLflow run that trained the workspace's pipeline/model.keras: the one train noted, if
+    the model is still the one it trained, else the newest run tagged with the model's md5."""
+    md5 = file_md5(paths.model)
+    try:
+        noted = json.loads(paths.training_run.read_text())
+    except (OSError, ValueError):
+        noted = {}
+    if noted.get("model_md5") == md5:
+        return noted["run_id"]
+    found = MlflowClient().search_runs([experiment_id], f"tags.model_md5 = '{md5}'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+    if not found:
+        raise UserError(f"no MLflow run in {mlflow.get_tracking_uri()} trained {paths.model.name} (md5 {md5}); "
+                        "run `dvc repro --force train` to train it again with tracking")
+    return found[0].info.run_id
+
+
+def log_manifest(manifest: Any, source: str, name: str, sha256: str) -> None:
+    """The ingested data as the run's training dataset (the UI's Datasets column): the manifest,
+    with its sha256 as digest (cut to the 32 characters MLflow's database holds)."""
+    import warnings
+
+    import mlflow.data
+
+    with warnings.catch_warnings():  # MLflow guesses the source's type and the schema aloud
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(manifest, source=source, name=name, digest=sha256[:32])
+        mlflow.log_input(dataset, context="training")
+
+
+TRAINING_IMAGES = "training_images.txt"  # run artifact: sha256 of every train and val image
+
+
+def log_training_images(hashes: list[str]) -> None:
+    """Record what the model saw, so a later candidate can be compared with it on other images."""
+    mlflow.log_text("\n".join(sorted(set(hashes))) + "\n", TRAINING_IMAGES)
+
+
+def training_images(run_id: str) -> set[str] | None:
+    """The content hashes a run trained and validated on; None when the run did not record them."""
+    try:
+        return set(mlflow.artifacts.load_text(f"runs:/{run_id}/{TRAINING_IMAGES}").split())
+    except (MlflowException, OSError):
+        return None
+
+
+def run_name(exp_name: str | None, arch: str, image_size: int, now: datetime) -> str:
+    """The DVC experiment's name when there is one, else what and when: `seed_cnn-64px-1127-1230`.
+    (MLflow's own random names repeat here: train seeds Python's random generator.)"""
+    return exp_name or f"{arch}-{image_size}px-{now:%m%d-%H%M%S}"
 
 
 def pip_requirements() -> list[str]:
@@ -142,16 +235,41 @@ def log_keras_model(model: Any, example: Any, prediction: Any, metadata: dict[st
 # ---------------------------------------------------------------- registry
 
 
-def decide_production(accuracy: float, min_accuracy: float, current: float | None) -> tuple[bool, str]:
-    """Whether a new version becomes `production`, and why, in words for its description."""
+@dataclass(frozen=True)
+class Comparison:
+    """The candidate and the production version, scored on the same test images: the
+    candidate's test images that the production version neither trained nor validated on."""
+
+    production_version: str
+    n_test: int  # the candidate's test images
+    n_shared: int  # of those, the ones production never saw
+    candidate_correct: int
+    production_correct: int
+
+    def describe(self) -> str:
+        if not self.n_shared:
+            return (f"all {self.n_test} test images were in production version {self.production_version}'s "
+                    "training data, so the two cannot be compared fairly")
+        return (f"on the {self.n_shared} of {self.n_test} test images that production version "
+                f"{self.production_version} never trained on, this version got {self.candidate_correct} right "
+                f"({self.candidate_correct / self.n_shared:.1%}), version {self.production_version} "
+                f"{self.production_correct} ({self.production_correct / self.n_shared:.1%})")
+
+
+def decide_production(accuracy: float, min_accuracy: float, comparison: Comparison | None) -> tuple[bool, str]:
+    """Whether a new version becomes `production`, and why, in words for its description. It must
+    reach `min_accuracy` on its own test images, and do at least as well as the production version
+    on the same images (counts, not rounded rates, so a tie is a tie)."""
+    gate = f"test accuracy {accuracy:.4f} {'>=' if accuracy >= min_accuracy else '<'} evaluate.min_accuracy {min_accuracy:g}"
     if accuracy < min_accuracy:
-        return False, f"not promoted: test accuracy {accuracy:.4f} is below evaluate.min_accuracy {min_accuracy:.4f}"
-    if current is not None and accuracy < current:
-        return False, f"not promoted: test accuracy {accuracy:.4f} is below the production version's {current:.4f}"
-    if current is None:
-        return True, f"promoted: test accuracy {accuracy:.4f} >= min_accuracy {min_accuracy:.4f}; first production version"
-    return True, (f"promoted: test accuracy {accuracy:.4f} >= min_accuracy {min_accuracy:.4f} "
-                  f"and >= the previous production version's {current:.4f}")
+        return False, f"not promoted: {gate}" + (f"; {comparison.describe()}" if comparison else "")
+    if comparison is None:
+        return True, f"promoted: {gate}; first production version"
+    if not comparison.n_shared:
+        return False, f"not promoted: {comparison.describe()}"
+    if comparison.candidate_correct < comparison.production_correct:
+        return False, f"not promoted: {comparison.describe()}"
+    return True, f"promoted: {gate}; {comparison.describe()}"
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
@@ -165,29 +283,43 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
 class Promotion:
     version: str
     production: bool
+    staging: bool
     reason: str
 
 
-def register_and_promote(model_uri: str, name: str, run_id: str, accuracy: float, min_accuracy: float,
-                         tags: dict[str, str]) -> Promotion:
-    """Register `model_uri` as a new version of `name`: it always gets `staging`, and `production`
-    when `decide_production` says so. The reason is kept in the version's description and tags."""
+REGISTERED_MODEL_DESCRIPTION = """\
+Tells photos of clean, tidy rooms from messy, cluttered ones. Every version is registered by the
+pipeline's `evaluate` stage (`dvc repro` / `dvc exp run`) and carries its model card: the data it
+was trained on, its params and its test results.
+
+- **`production`**: the version `cleanmessy serve` and `cleanmessy predict` load by default. A new
+  version takes it when it reaches `evaluate.min_accuracy` and does at least as well as the current
+  one on the same test images (those the current one never trained on).
+- **`staging`**: the newest version that reached `evaluate.min_accuracy`, promoted or not.
+"""
+
+
+def register_and_promote(model_info: Any, name: str, run_id: str, accuracy: float, min_accuracy: float,
+                         comparison: Comparison | None, tags: dict[str, str], card: str) -> Promotion:
+    """Register the logged model as a new version of `name`. It gets `staging` when it reaches
+    `min_accuracy`, and `production` when `decide_production` says so. The version's description
+    is the decision and its model card."""
     client = MlflowClient()
-    current = alias_version(client, name, "production")
-    current_acc = float(current.tags["test_accuracy"]) if current and "test_accuracy" in current.tags else None
-    promote, reason = decide_production(accuracy, min_accuracy, current_acc)
+    promote, reason = decide_production(accuracy, min_accuracy, comparison)
+    staging = accuracy >= min_accuracy
     try:
-        client.create_registered_model(name)
+        client.create_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
     except MlflowException:
-        pass  # it exists already
-    version = client.create_model_version(name, model_uri, run_id=run_id,
-                                          tags={**tags, "test_accuracy": repr(accuracy)},  # exact: ties compare equal
-                                          description=reason)
-    client.set_registered_model_alias(name, "staging", version.version)
+        client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
+    # model_id: a tracking server accepts a LoggedModel's models:/m-... source only with its id.
+    version = client.create_model_version(name, model_info.model_uri, run_id=run_id, model_id=model_info.model_id,
+                                          tags={**tags, "test_accuracy": repr(accuracy), "promotion": reason},
+                                          description=f"**{reason}**\n\n{card}")
+    if staging:
+        client.set_registered_model_alias(name, "staging", version.version)
     if promote:
         client.set_registered_model_alias(name, "production", version.version)
-    client.set_model_version_tag(name, version.version, "promotion", reason)
-    return Promotion(str(version.version), promote, reason)
+    return Promotion(str(version.version), promote, staging, reason)
 
 
 def model_uri_for(name: str, stage: str) -> str:

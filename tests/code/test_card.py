@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cleanmessy.card import render_card, wilson_interval
+from cleanmessy.card import describe_data, render_card, wilson_interval
 
 
 @pytest.mark.parametrize(("k", "n", "low", "high"), [
@@ -32,12 +32,40 @@ def test_card_states_data_params_interval_recall_and_limits():
             "roc_auc": 0.99, "macro_f1": 0.966,
             "per_class": {"clean": {"precision": 1.0, "recall": 0.9333, "f1": 0.9655, "support": 15},
                           "messy": {"precision": 0.9375, "recall": 1.0, "f1": 0.9677, "support": 15}}}
-    data = {"source": "../photos", "n_images": 192, "classes": {"clean": 96, "messy": 96},
-            "split_sizes": {"train": 152, "val": 20, "test": 20}, "manifest_sha256": "ab" * 32}
+    data = {**describe_data({"source": "../photos", "source_kind": "folder", "classes": {"clean": 96, "messy": 96}}),
+            "source": "../photos", "split_sizes": {"train": 152, "val": 20, "test": 20}, "manifest_sha256": "ab" * 32}
     card = render_card("clean-vs-messy", data, {"train.arch": "mobilenet_v2", "train.alpha": 0.35}, test)
+    assert "Trained on photos from the folder ../photos." in card
     assert "# Model card: clean-vs-messy" in card
     assert "`../photos`" in card and "clean: 96" in card and "ab" * 32 in card
     assert "| `train.arch` | `mobilenet_v2` |" in card
     assert "(29/30)" in card and "[0.833, 0.994]" in card
     assert "| clean | 1.000 | 0.933 |" in card
-    assert "staged vs lived-in" in card
+    assert "staged vs lived-in" in card and "synthetic" not in card
+
+
+def test_card_of_a_sample_model_says_it_never_saw_a_photo():
+    """A model trained on the embedded sample says so, and its limits are about that data."""
+    test = {"n": 60, "loss": 0.02, "accuracy": 1.0, "accuracy_ci95_low": 0.94, "accuracy_ci95_high": 1.0,
+            "roc_auc": 1.0, "macro_f1": 1.0,
+            "per_class": {c: {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 30} for c in ("clean", "messy")}}
+    report = {"source": "data/sample", "source_kind": "sample", "classes": {"clean": 300, "messy": 300}}
+    data = {**describe_data(report), "source": "data/sample", "split_sizes": {"train": 480, "val": 60, "test": 60},
+            "manifest_sha256": "cd" * 32}
+    card = render_card("clean-vs-messy", data, {"train.arch": "seed_cnn"}, test)
+    assert "Trained on the embedded synthetic sample: cartoon rooms drawn by the project's generator, not photos." in card
+    assert "not meaningful" in card and "staged vs lived-in" not in card
+
+
+def test_describe_data_counts_and_kinds():
+    assert describe_data({"source": "x.zip", "source_kind": "zip", "classes": {"clean": 3, "messy": 4}}) == {
+        "kind": "zip", "description": "photos from the archive x.zip", "n_images": 7, "classes": {"clean": 3, "messy": 4}}
+    assert describe_data({"source": "https://h/x.zip", "source_kind": "url", "classes": {"a": 1}})["description"] == \
+        "photos downloaded from https://h/x.zip"
+
+
+def test_wilson_bounds_carry_no_float_noise():
+    """29/30's upper bound printed as 0.9999999999999999 before rounding."""
+    for k, n in ((29, 30), (60, 60), (0, 20), (59, 60)):
+        low, high = wilson_interval(k, n)
+        assert low == round(low, 6) and high == round(high, 6) and 0 <= low <= high <= 1

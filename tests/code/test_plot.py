@@ -307,10 +307,9 @@ class FakeMlflow:
 
 
 class FakeTracking:
-    class RunInfo:
-        @staticmethod
-        def load(path):
-            return type("Run", (), {"run_id": "run-1"})()
+    @staticmethod
+    def training_run_id(paths, experiment_id: str) -> str:
+        return "run-1"
 
     @staticmethod
     def setup(paths) -> str:

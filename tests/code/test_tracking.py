@@ -5,6 +5,7 @@ import os
 import subprocess
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import mlflow.tracking._model_registry.utils as mlflow_registry_state
@@ -59,10 +60,17 @@ def log_dummy_model(root: Path) -> str:
     return run.info.run_id
 
 
-def register(root: Path, accuracy: float, min_accuracy: float = 0.8) -> tracking.Promotion:
+def register(root: Path, accuracy: float, min_accuracy: float = 0.8,
+             comparison: tracking.Comparison | None = None) -> tracking.Promotion:
     run_id = log_dummy_model(root)
-    return tracking.register_and_promote(f"runs:/{run_id}/model", "m", run_id, accuracy, min_accuracy,
-                                         {"a": "b"})
+    model = SimpleNamespace(model_uri=f"runs:/{run_id}/model", model_id=None)
+    return tracking.register_and_promote(model, "m", run_id, accuracy, min_accuracy, comparison, {"a": "b"},
+                                         "# Model card: m\n")
+
+
+def versus(production_version: str, candidate: int, production: int, n_shared: int = 20) -> tracking.Comparison:
+    return tracking.Comparison(production_version, n_test=30, n_shared=n_shared, candidate_correct=candidate,
+                               production_correct=production)
 
 
 def aliases(version) -> set[str]:
@@ -126,94 +134,85 @@ def test_runs_land_in_the_project_store(paths):
 
 
 @pytest.mark.parametrize(
-    ("accuracy", "min_accuracy", "current", "promoted", "words"),
+    ("accuracy", "min_accuracy", "comparison", "promoted", "words"),
     [
-        (0.70, 0.80, None, False, ["not promoted", "min_accuracy", "0.7000", "0.8000"]),
-        (0.70, 0.80, 0.60, False, ["not promoted", "min_accuracy"]),  # min wins over a worse production
+        (0.70, 0.80, None, False, ["not promoted", "min_accuracy", "0.7000", "< evaluate.min_accuracy 0.8"]),
+        (0.70, 0.80, ("1", 20, 5), False, ["not promoted", "min_accuracy"]),  # min wins over a worse production
         (0.85, 0.80, None, True, ["promoted", "first production version"]),
         (0.80, 0.80, None, True, ["first production version"]),  # exactly the minimum is enough
-        (0.90, 0.80, 0.90, True, ["promoted", "previous production version's 0.9000"]),  # a tie promotes
-        (0.95, 0.80, 0.90, True, ["promoted", "0.9500"]),
-        (0.85, 0.80, 0.90, False, ["not promoted", "production version's 0.9000"]),
+        (0.90, 0.80, ("1", 18, 18), True, ["promoted", "on the 20 of 30 test images that production version 1 never "
+                                                       "trained on, this version got 18 right (90.0%), version 1 18"]),
+        (0.95, 0.80, ("2", 19, 18), True, ["promoted", "19 right"]),
+        (0.85, 0.80, ("3", 17, 18), False, ["not promoted", "version 3 18 (90.0%)"]),
     ],
 )
-def test_decide_production(accuracy, min_accuracy, current, promoted, words):
-    """Below min never promotes; no production yet promotes; otherwise >= current promotes."""
-    ok, reason = tracking.decide_production(accuracy, min_accuracy, current)
+def test_decide_production(accuracy, min_accuracy, comparison, promoted, words):
+    """Below min never promotes; no production yet promotes; otherwise the candidate must get at
+    least as many of the shared test images right as production (a tie promotes)."""
+    ok, reason = tracking.decide_production(accuracy, min_accuracy, comparison and versus(*comparison))
     assert ok is promoted
     assert reason.startswith("promoted" if promoted else "not promoted")
     for word in words:
         assert word in reason
 
 
+def test_no_shared_test_image_never_promotes():
+    """When production trained on every one of the candidate's test images, nothing is compared
+    and nothing is promoted: the reason says why."""
+    ok, reason = tracking.decide_production(1.0, 0.8, versus("4", 0, 0, n_shared=0))
+    assert not ok and "all 30 test images were in production version 4's training data" in reason
+
+
 # ---------------------------------------------------------------- registry
 
 
 def test_first_version_gets_staging_and_production(paths):
-    """The first version above min_accuracy is registered with both aliases, tags and description."""
+    """The first version above min_accuracy is registered with both aliases, tags, the decision
+    and the model card in its description, and the registered model gets a description."""
     tracking.setup(paths)
-    run_id = log_dummy_model(paths.root)
-    promotion = tracking.register_and_promote(f"runs:/{run_id}/model", "m", run_id, 0.9, 0.8, {"a": "b"})
+    promotion = register(paths.root, 0.9)
     assert str(promotion.version) == "1"
-    assert promotion.production is True
+    assert promotion.production is True and promotion.staging is True
     assert "first production version" in promotion.reason
     version = MlflowClient().get_model_version("m", "1")  # search results carry no aliases
     assert set(version.aliases) == {"staging", "production"}
-    assert version.run_id == run_id
     assert float(version.tags["test_accuracy"]) == 0.9
     assert version.tags["a"] == "b"
     assert version.tags["promotion"] == promotion.reason
-    assert version.description.startswith("promoted")
-    assert version.description == promotion.reason
+    assert version.description == f"**{promotion.reason}**\n\n# Model card: m\n"
+    assert "`production`" in MlflowClient().get_registered_model("m").description
 
 
-def test_versions_move_aliases_by_accuracy(paths):
-    """staging follows every new version; production moves only to one at least as good."""
+def test_versions_move_aliases_by_comparison(paths):
+    """production moves only to a version at least as good on the shared images; staging to every
+    version that reaches min_accuracy."""
     tracking.setup(paths)
     first = register(paths.root, 0.9)
     assert aliases(first.version) == {"staging", "production"}
 
-    worse = register(paths.root, 0.85)
-    assert str(worse.version) == "2"
-    assert worse.production is False
-    assert aliases(1) == {"production"}
-    assert aliases(2) == {"staging"}
-    v2 = MlflowClient().get_model_version("m", "2")
-    assert v2.description.startswith("not promoted")
-    assert "0.9000" in v2.description  # compared against the production version's accuracy
+    worse = register(paths.root, 0.95, comparison=versus("1", 16, 18))
+    assert str(worse.version) == "2" and worse.production is False
+    assert aliases(1) == {"production"} and aliases(2) == {"staging"}
+    assert "version 1 18" in MlflowClient().get_model_version("m", "2").description
 
-    better = register(paths.root, 0.95)
-    assert str(better.version) == "3"
+    better = register(paths.root, 0.85, comparison=versus("1", 19, 18))
     assert better.production is True
-    assert aliases(1) == set()
-    assert aliases(2) == set()
-    assert aliases(3) == {"staging", "production"}
-    assert str(MlflowClient().get_model_version_by_alias("m", "production").version) == better.version
+    assert aliases(1) == set() and aliases(2) == set() and aliases(3) == {"staging", "production"}
 
 
-def test_equal_accuracy_that_rounds_up_still_promotes(paths):
-    """A new version exactly as accurate as production (2/3, e.g. 20 of 30) takes production."""
-    tracking.setup(paths)
-    register(paths.root, 2 / 3, min_accuracy=0.5)
-    tie = register(paths.root, 2 / 3, min_accuracy=0.5)
-    assert tie.production is True, tie.reason
-    assert aliases(2) == {"staging", "production"}
-
-
-def test_version_below_min_accuracy_never_gets_production(paths):
-    """Below evaluate.min_accuracy a version gets staging only, even with no production yet."""
+def test_version_below_min_accuracy_gets_no_alias(paths):
+    """Below evaluate.min_accuracy a version is registered (its card says why) but takes neither
+    alias: staging keeps pointing at the last acceptable candidate."""
     tracking.setup(paths)
     low = register(paths.root, 0.5, min_accuracy=0.8)
-    assert low.production is False
-    assert aliases(low.version) == {"staging"}
+    assert low.production is False and low.staging is False
+    assert aliases(low.version) == set()
     assert tracking.alias_version(MlflowClient(), "m", "production") is None
     assert "min_accuracy" in MlflowClient().get_model_version("m", "1").description
 
     register(paths.root, 0.9, min_accuracy=0.8)
-    lower = register(paths.root, 0.7, min_accuracy=0.8)
-    assert lower.production is False
-    assert aliases(2) == {"production"}
-    assert aliases(3) == {"staging"}
+    register(paths.root, 0.7, min_accuracy=0.8, comparison=versus("2", 20, 10))
+    assert aliases(2) == {"staging", "production"} and aliases(3) == set()
 
 
 def test_alias_version_missing_model_is_none(paths):
@@ -233,7 +232,7 @@ def test_model_uri_for_uses_lower_case_alias():
 
 def test_run_info_round_trip(tmp_path):
     """RunInfo saved to JSON loads back equal, lists and ints included."""
-    info = tracking.RunInfo(run_id="abc123", experiment_id="7", class_names=["clean", "messy"], image_size=64)
+    info = tracking.RunInfo(class_names=["clean", "messy"], image_size=64)
     path = tmp_path / "run.json"
     info.save(path)
     loaded = tracking.RunInfo.load(path)
@@ -288,6 +287,26 @@ def test_lineage_tags_dirty_when_tracked_file_changed(git_repo):
     assert tracking.lineage_tags(Paths(git_repo), "x", "s")["git_dirty"] == "false"
     (git_repo / "tracked.txt").write_text("two\n")
     assert tracking.lineage_tags(Paths(git_repo), "x", "s")["git_dirty"] == "true"
+
+
+def test_lineage_tags_not_dirty_for_params_lock_and_outputs(git_repo):
+    """params.yaml (logged as params), dvc.lock and pipeline outputs change on every run and
+    experiment: they do not make the code dirty."""
+    for name in ("params.yaml", "dvc.lock", "pipeline/metrics.json", "data/ingest_report.json"):
+        (git_repo / name).parent.mkdir(exist_ok=True)
+        (git_repo / name).write_text("one\n")
+    git(git_repo, "add", "-A")
+    git(git_repo, "commit", "-q", "-m", "outputs")
+    for name in ("params.yaml", "dvc.lock", "pipeline/metrics.json", "data/ingest_report.json"):
+        (git_repo / name).write_text("two\n")
+    assert tracking.lineage_tags(Paths(git_repo), "x", "s")["git_dirty"] == "false"
+
+
+def test_run_name_is_the_experiment_or_what_and_when():
+    from datetime import datetime
+
+    assert tracking.run_name("lr-test", "seed_cnn", 64, datetime(2026, 11, 27, 12, 30, 5)) == "lr-test"
+    assert tracking.run_name(None, "mobilenet_v2", 224, datetime(2026, 11, 27, 12, 30, 5)) == "mobilenet_v2-224px-1127-123005"
 
 
 def test_lineage_tags_dvc_exp_name(git_repo, monkeypatch):

@@ -21,6 +21,7 @@ from conftest import run, set_params
 STAGES = ["ingest", "split", "train", "evaluate", "plot"]
 PLOTS = ["samples.png", "training_curves.png", "confusion_matrix.png", "predictions.png", "misclassified.png"]
 MODEL = "clean-vs-messy"
+COMPARE_DROP = "Created|.*/|roc_auc|macro_f1|loss"  # as the README's `dvc exp show` for 100 columns
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,13 @@ def client(project) -> MlflowClient:
 
 
 def run_info(project) -> dict:
-    return json.loads((project / "pipeline/run.json").read_text())
+    """run.json (class names, image size) and the id of the MLflow run that trained the model."""
+    return {**json.loads((project / "pipeline/run.json").read_text()),
+            **json.loads((project / "pipeline/mlflow_run.json").read_text())}
+
+
+def evaluation(project) -> dict:
+    return json.loads((project / "pipeline/evaluation.json").read_text())["test"]
 
 
 def test_repro_runs_every_stage_and_writes_outputs(tiny_project):
@@ -47,8 +54,10 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_project):
     splits = {s: pd.read_csv(project / f"data/splits/{s}.csv") for s in ("train", "val", "test")}
     assert sum(len(f) for f in splits.values()) == len(manifest)
     assert all(set(f["label"]) == {"clean", "messy"} for f in splits.values())
-    assert len(pd.read_csv(project / "pipeline/history.csv")) == 1  # one epoch
-    metrics = json.loads((project / "pipeline/metrics.json").read_text())["test"]
+    history = pd.read_csv(project / "pipeline/history.csv")
+    assert list(history.columns) == ["epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
+    assert len(history) == 1  # one epoch
+    metrics = evaluation(project)
     assert metrics["n"] == len(splits["test"])
     assert 0 <= metrics["accuracy"] <= 1 and set(metrics["per_class"]) == {"clean", "messy"}
     assert sum(sum(row.values()) for row in metrics["confusion_matrix"].values()) == metrics["n"]
@@ -58,26 +67,37 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_project):
 
 
 def test_mlflow_run_holds_params_metrics_figures_and_lineage(tiny_project):
-    """The run has all params, per-epoch and test metrics, the figures, the model, lineage tags."""
+    """The run has a readable name and description, the params the model used (and no others),
+    train_/val_ per-epoch and test_ metrics, the figures at the artifact root (where the compare
+    view shows them), the manifest as its dataset, and lineage tags."""
     project, _ = tiny_project
     mlflow_client = client(project)
     run_id = run_info(project)["run_id"]
     mlflow_run = mlflow_client.get_run(run_id)
     assert mlflow_run.info.status == "FINISHED"
+    assert re.fullmatch(r"seed_cnn-32px-\d{4}-\d{6}", mlflow_run.info.run_name), mlflow_run.info.run_name
+    description = mlflow_run.data.tags["mlflow.note.content"]
+    assert "**seed_cnn** trained on the embedded synthetic sample" in description and "16 training" in description
     params = mlflow_run.data.params
     assert params["train.epochs"] == "1" and params["base.image_size"] == "32"
-    assert params["ingest.source"] == "data/sample" and params["train.augment.flip"] == "horizontal"
-    epochs = mlflow_client.get_metric_history(run_id, "val_loss")
-    assert [m.step for m in epochs] == [1]
-    metrics = json.loads((project / "pipeline/metrics.json").read_text())["test"]
-    assert mlflow_run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert params["train.augment.flip"] == "horizontal" and params["train.filters"] == "[32, 64]"
+    assert not {"train.weights", "train.alpha", "train.head_c", "ingest.source"} & set(params)  # seed_cnn ignores them
+    for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert [m.step for m in mlflow_client.get_metric_history(run_id, name)] == [1], name
+    assert "accuracy" not in mlflow_run.data.metrics and "loss" not in mlflow_run.data.metrics
+    test = evaluation(project)
+    assert mlflow_run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
     assert "test_recall_messy" in mlflow_run.data.metrics
     tags = mlflow_run.data.tags
     head = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
-    assert tags["git_commit"] == head
-    assert tags["data_manifest_sha256"] == hashlib.sha256((project / "data/manifest.csv").read_bytes()).hexdigest()
-    plots = {a.path for a in mlflow_client.list_artifacts(run_id, "plots")}
-    assert plots == {f"plots/{p}" for p in PLOTS}
+    assert tags["git_commit"] == head and tags["git_dirty"] == "false"
+    manifest_sha256 = hashlib.sha256((project / "data/manifest.csv").read_bytes()).hexdigest()
+    assert tags["data_manifest_sha256"] == manifest_sha256
+    (dataset,) = mlflow_run.inputs.dataset_inputs
+    assert dataset.dataset.digest == manifest_sha256[:32] and dataset.dataset.name == "sample-manifest"
+    assert [t.value for t in dataset.tags if t.key == "mlflow.data.context"] == ["training"]
+    root = {a.path for a in mlflow_client.list_artifacts(run_id)}
+    assert set(PLOTS) <= root and {"evaluation.json", "model_card.md", "training_images.txt"} <= root
 
 
 def test_model_is_registered_with_staging_and_production(tiny_project):
@@ -89,9 +109,10 @@ def test_model_is_registered_with_staging_and_production(tiny_project):
     version = mlflow_client.get_model_version(MODEL, "1")  # search results carry no aliases
     assert version.run_id == run_info(project)["run_id"]
     assert set(version.aliases) == {"staging", "production"}
-    assert version.description.startswith("promoted")
-    assert float(version.tags["test_accuracy"]) == pytest.approx(
-        json.loads((project / "pipeline/metrics.json").read_text())["test"]["accuracy"])
+    assert version.description.startswith("**promoted: test accuracy")
+    assert "# Model card: clean-vs-messy" in version.description  # the version page shows the card
+    assert float(version.tags["test_accuracy"]) == pytest.approx(evaluation(project)["accuracy"])
+    assert "production" in mlflow_client.get_registered_model(MODEL).description
 
 
 def test_registered_model_loads_and_predicts_like_the_pipeline(tiny_project):
@@ -120,12 +141,17 @@ def test_second_repro_reruns_nothing(tiny_project):
     assert "Data and pipelines are up to date" in result.stdout
 
 
-def test_dvc_metrics_show_reads_the_test_metrics(tiny_project):
+def test_dvc_metrics_show_reads_the_headline_metrics_at_100_columns(tiny_project):
+    """metrics.json holds six headline test metrics; `dvc metrics show` prints them in 100 columns."""
     project, _ = tiny_project
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
-    test = json.loads((project / "pipeline/metrics.json").read_text())["test"]
-    data = next(iter(shown.values()))["data"]["pipeline/metrics.json"]["data"]["test"]
-    assert data["accuracy"] == pytest.approx(test["accuracy"])
+    data = next(iter(shown.values()))["data"]["pipeline/metrics.json"]["data"]
+    test = evaluation(project)
+    assert set(data) == {"accuracy", "ci95_low", "ci95_high", "roc_auc", "macro_f1", "loss"}
+    assert data["accuracy"] == pytest.approx(test["accuracy"]) and data["ci95_low"] == test["accuracy_ci95_low"]
+    table = run(["dvc", "metrics", "show"], project, COLUMNS="100").stdout
+    assert max(len(line) for line in table.splitlines()) <= 100, table
+    assert "ci95_high" in table
 
 
 def test_plot_param_change_reruns_only_plot(tiny_project):
@@ -186,34 +212,103 @@ def test_failed_evaluate_registers_nothing(tiny_project):
     assert mlflow_client.get_run(run_info(project)["run_id"]).info.status == "FAILED"
 
 
-def test_stricter_threshold_registers_staging_but_keeps_production(tiny_project):
+def test_stricter_threshold_registers_without_aliases_unless_reached(tiny_project):
     """min_accuracy 1.0 reruns evaluate (plot only if its inputs changed, which they need not: the
-    model is the same); the new version gets `staging`, and `production` only if it reached 1.0
-    and the current production's accuracy."""
+    model is the same); the new version is compared with production on the same test images, and
+    takes staging and production only if it reached 1.0."""
     project, _ = tiny_project
     set_params(project, {"evaluate": {"min_accuracy": 1.0}})
     result = run(["dvc", "repro"], project)
     assert ran(result.stdout) in (["evaluate"], ["evaluate", "plot"])
     mlflow_client = client(project)
-    new = mlflow_client.get_model_version_by_alias(MODEL, "staging")
-    assert str(new.version) == "2"
-    accuracy = json.loads((project / "pipeline/metrics.json").read_text())["test"]["accuracy"]
+    new = mlflow_client.get_model_version(MODEL, "2")
+    test = evaluation(project)
+    correct = round(test["accuracy"] * test["n"])
+    # the same model on the same (never trained on) test images: a tie, stated in the description
+    assert (f"on the {test['n']} of {test['n']} test images that production version 1 never trained on, "
+            f"this version got {correct} right") in new.description
+    assert f"version 1 {correct} (" in new.description
     production = mlflow_client.get_model_version_by_alias(MODEL, "production")
-    if accuracy >= 1.0:
-        assert str(production.version) == "2" and new.description.startswith("promoted")
+    if test["accuracy"] >= 1.0:
+        assert str(production.version) == "2" and set(new.aliases) == {"staging", "production"}
     else:
-        assert str(production.version) == "1"
-        assert new.description.startswith("not promoted") and "min_accuracy" in new.description
+        assert str(production.version) == "1" and new.aliases == []
+        assert new.description.startswith("**not promoted") and "min_accuracy" in new.description
 
 
-def test_dvc_exp_run_tags_the_mlflow_run(tiny_project):
-    """`dvc exp run -S` trains again; its MLflow run carries the DVC experiment's name."""
+def test_committed_experiments_compare_side_by_side(tiny_project):
+    """What a user does after a run: commit it, run two experiments, compare them. Every revision
+    carries its metrics and plots (git tracks them), the MLflow runs carry the experiments' names,
+    `-S` changes one line of params.yaml, and the candidate that changed the split is compared with
+    production on the test images production never trained on."""
     project, _ = tiny_project
-    result = run(["dvc", "exp", "run", "-n", "lr-test", "-S", "train.learning_rate=0.002"], project)
-    assert ran(result.stdout) == ["train", "evaluate", "plot"]
-    mlflow_run = client(project).get_run(run_info(project)["run_id"])
-    assert mlflow_run.data.tags["dvc_exp_name"] == "lr-test"
-    assert mlflow_run.data.params["train.learning_rate"] == "0.002"
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-q", "-m", "baseline run"], project)
+    baseline = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    production = client(project).get_model_version_by_alias(MODEL, "production")
+
+    run(["dvc", "exp", "run", "-n", "lr-a", "-S", "train.learning_rate=0.002"], project)
+    changed = [line for line in run(["git", "diff", "-U0", "params.yaml"], project).stdout.splitlines()
+               if line.startswith(("-", "+")) and not line.startswith(("---", "+++"))]
+    assert changed == ["-  learning_rate: 0.001", "+  learning_rate: 0.002"]
+    run_a = run_info(project)["run_id"]
+    result = run(["dvc", "exp", "run", "-n", "split-b", "-S", "split.test_fraction=0.3"], project)
+    assert ran(result.stdout) == ["split", "train", "evaluate", "plot"]
+    run_b = run_info(project)["run_id"]
+
+    # dvc exp show: numbers, not "!", for the baseline and both experiments
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    rows = {(exp.get("name") or exp["rev"]): exp for row in shown for exp in [row] + [e for x in row.get("experiments") or [] for e in x["revs"]]}
+    for name in ("lr-a", "split-b", baseline):
+        rev = next(r for key, r in rows.items() if key == name or r.get("rev") == name)
+        metrics = rev["data"]["metrics"]["pipeline/metrics.json"]["data"]
+        assert isinstance(metrics["accuracy"], float | int), (name, metrics)
+    # the README's compare command, at 100 columns: the changed params are not cut off
+    table = run(["dvc", "exp", "show", "--no-pager", "--only-changed", "--drop", COMPARE_DROP], project,
+                COLUMNS="100").stdout
+    lines = table.splitlines()
+    assert max(map(len, lines)) <= 100, table
+    assert any("[lr-a]" in line for line in lines) and any("[split-b]" in line for line in lines), table
+    assert "!" not in table and "…" not in table, table
+    assert "train.learning_rate" in table and "split.test_fraction" in table and "ci95_low" in table, table
+
+    diff = run(["dvc", "metrics", "diff", "main", "split-b"], project)
+    assert "failed to load" not in diff.stdout + diff.stderr
+    out = project / "plots-diff"
+    run(["dvc", "plots", "diff", "main", "lr-a", "-o", str(out)], project)
+    page = (out / "index.html").read_text()
+    for plot_id in ("loss", "accuracy", "confusion"):  # the data plots (vega specs) ...
+        assert f'"{plot_id}"' in page
+    assert '"rev": "main"' in page and '"rev": "lr-a"' in page  # ... with both revisions' data on one chart
+    assert page.count("<img") == 2 * len(PLOTS)  # and the five PNGs of each revision
+
+    # MLflow: two runs with distinct, meaningful names
+    mlflow_client = client(project)
+    names = {mlflow_client.get_run(r).info.run_name for r in (run_a, run_b)}
+    assert names == {"lr-a", "split-b"}
+    assert mlflow_client.get_run(run_b).data.tags["dvc_exp_name"] == "split-b"
+
+    # split-b's version was compared with production on the same images: its test images minus
+    # those production trained or validated on, scored by both models
+    test = pd.read_csv(project / "data/splits/test.csv")
+    seen = set(mlflow_client.download_artifacts(production.run_id, "training_images.txt", str(project / "tmp-seen"))
+               and Path(project / "tmp-seen/training_images.txt").read_text().split())
+    shared = test[~test["sha256"].isin(seen)]
+    assert 0 < len(shared) < len(test)  # some of the new test images were production's training images
+    import mlflow
+
+    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    from cleanmessy.images import load_for_model
+
+    batch = np.stack([load_for_model(project / p, 32) for p in shared["path"]])
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/{production.version}")
+    production_correct = int((np.asarray(model.predict(batch)).argmax(1) == (shared["label"] == "messy").to_numpy()).sum())
+    version = mlflow_client.get_model_version(MODEL, mlflow_client.get_run(run_b).data.tags["registered_version"])
+    assert (f"on the {len(shared)} of {len(test)} test images that production version {production.version} never "
+            f"trained on") in version.description
+    assert f"version {production.version} {production_correct} (" in version.description
 
 
 def test_registered_version_carries_a_model_card(tiny_project):
@@ -224,12 +319,13 @@ def test_registered_version_carries_a_model_card(tiny_project):
     uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}@staging")
+    version = client(project).get_run(run_info(project)["run_id"]).data.tags["registered_version"]
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}/{version}")
     card = (Path(local) / "model_card.md").read_text()
-    metrics = json.loads((project / "pipeline/metrics.json").read_text())["test"]
+    metrics = evaluation(project)
     assert f"95 % Wilson interval **[{metrics['accuracy_ci95_low']:.3f}, {metrics['accuracy_ci95_high']:.3f}]**" in card
     assert hashlib.sha256((project / "data/manifest.csv").read_bytes()).hexdigest() in card
-    assert "Known limits" in card
+    assert "Known limits" in card and "never seen a photo" in card
 
 
 def test_cv_logs_a_parent_run_with_one_child_per_fold(tiny_project):
@@ -276,7 +372,7 @@ def _run_multi_view_experiment(project: Path, name: str, tmp_path: Path) -> None
     assert params["train.head"] == "logistic" and params["train.views.regions"] == "[[0.8, 2.0]]"
     photos = sorted((project / "data/images").rglob("*.png"))[:4]
     out = tmp_path / "predictions.csv"
-    run(["cleanmessy", "predict", *map(str, photos), "--model-name", name, "--stage", "staging", "--out", str(out)],
+    run(["cleanmessy", "predict", *map(str, photos), "--model-uri", f"models:/{name}/1", "--out", str(out)],
         project)
     frame = pd.read_csv(out, keep_default_na=False)
     assert len(frame) == 4 and (frame["error"] == "").all()

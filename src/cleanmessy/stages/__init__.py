@@ -1,1 +1,83 @@
-"""Pipeline stages: each module has a pure core and a thin `main(paths, params)` doing the I/O."""
+"""Pipeline stages: each module has a pure core and a thin `main(paths, params)` doing the I/O.
+
+`run_stage` hands a stage only what its dvc.yaml entry declares: params it does not list and
+project files it neither depends on nor writes raise `UndeclaredInput`. DVC decides what to rerun
+from those declarations, so a stage that read more than it declares could be served stale from
+DVC's cache; the pipeline tests run every stage through here and would fail on such a read."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cleanmessy.errors import UserError
+from cleanmessy.params import Params, load_params
+from cleanmessy.project import Paths, project_paths
+
+
+class UndeclaredInput(RuntimeError):
+    """A stage read a param or file that its dvc.yaml entry does not declare (a bug in dvc.yaml
+    or in the stage, not a user mistake)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Declaration:
+    """What dvc.yaml says a stage reads and writes."""
+
+    params: tuple[str, ...]  # "train" (a whole section) or "base.image_size" (one key)
+    files: tuple[str, ...]  # deps, outs, metrics and plots, relative to the project root
+
+
+def declaration(dvc_yaml: Path, stage: str, params: Params) -> Declaration:
+    """The params and files `stage` declares in dvc.yaml (`${ingest.source}` filled in)."""
+    try:
+        entry = yaml.safe_load(dvc_yaml.read_text())["stages"][stage]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        raise UserError(f"{dvc_yaml} has no stage '{stage}'") from None
+    files = []
+    for kind in ("deps", "outs", "metrics", "plots"):
+        for item in entry.get(kind) or []:
+            path = next(iter(item)) if isinstance(item, dict) else item
+            files.append(path.replace("${ingest.source}", params.ingest.source))
+    keys = [k for item in entry.get("params") or [] for k in ([item] if isinstance(item, str) else [])]
+    return Declaration(tuple(keys), tuple(files))
+
+
+class _Section:
+    """A params section of which the stage declared only some keys."""
+
+    def __init__(self, stage: str, name: str, value: Any, allowed: set[str]) -> None:
+        self._stage, self._name, self._value, self._allowed = stage, name, value, allowed
+
+    def __getattr__(self, key: str) -> Any:
+        if key not in self._allowed:
+            raise UndeclaredInput(f"stage '{self._stage}' reads param {self._name}.{key}, which its "
+                                  "dvc.yaml entry does not declare")
+        return getattr(self._value, key)
+
+
+def restrict_params(params: Params, keys: tuple[str, ...], stage: str) -> Params:
+    """`params` with every section or key that `keys` does not name replaced by a guard."""
+    changes = {}
+    for f in dataclasses.fields(params):
+        if f.name in keys:
+            continue
+        allowed = {k.split(".", 1)[1] for k in keys if k.startswith(f"{f.name}.")}
+        changes[f.name] = _Section(stage, f.name, getattr(params, f.name), allowed)
+    return dataclasses.replace(params, **changes)
+
+
+def run_stage(stage: str) -> None:
+    """Run `cleanmessy <stage>` as dvc.yaml declares it. `cv` is no DVC stage: it sees everything."""
+    paths = project_paths()
+    params = load_params(paths.params)
+    module = importlib.import_module(f"cleanmessy.stages.{stage}")
+    if stage != "cv":
+        declared = declaration(paths.root / "dvc.yaml", stage, params)
+        params = restrict_params(params, declared.params, stage)
+        paths = Paths(paths.root, declared=frozenset(declared.files), stage=stage)
+    module.main(paths, params)

@@ -20,11 +20,10 @@ from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
 from cleanmessy import tracking
 from cleanmessy.card import wilson_interval
 from cleanmessy.errors import UserError
-from cleanmessy.inputs import image_read_errors, label_indices, make_dataset
+from cleanmessy.inputs import image_read_errors, label_indices, make_dataset, manifest_hash
 from cleanmessy.models import build_model, fine_tunes, photos_per_step
 from cleanmessy.params import Params, flatten
 from cleanmessy.project import Paths
-from cleanmessy.stages.ingest import manifest_hash
 from cleanmessy.stages.train import train_model
 
 log = logging.getLogger(__name__)
@@ -118,7 +117,7 @@ def main(paths: Paths, params: Params) -> dict:
         report = {"arch": p.arch, "summary": summary, "folds": results, "run_id": parent.info.run_id}
         mlflow.log_dict(report, "cv.json")
     paths.root.joinpath("pipeline").mkdir(exist_ok=True)
-    (paths.root / "pipeline" / "cv.json").write_text(json.dumps(report, indent=2) + "\n")
+    paths.cv_report.write_text(json.dumps(report, indent=2) + "\n")
     log.info("cv: %s accuracy %.4f, 95%% interval [%.4f, %.4f] over %d folds; %.1f s training per fold",
              p.arch, summary["accuracy_mean"], summary["accuracy_ci95_low"], summary["accuracy_ci95_high"],
              len(results), summary["train_seconds_mean"])

@@ -3,22 +3,26 @@ the training run; the model logged to MLflow and registered as a new version, pr
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from typing import Any
 
 import keras
 import mlflow
+import mlflow.keras
+import mlflow.models
 import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from cleanmessy import tracking
-from cleanmessy.card import render_card, wilson_interval
+from cleanmessy.card import describe_data, render_card, wilson_interval
 from cleanmessy.errors import UserError
-from cleanmessy.inputs import image_read_errors, label_indices, make_dataset, read_split
+from cleanmessy.inputs import image_read_errors, label_indices, make_dataset, manifest_hash, read_split
 from cleanmessy.models import photos_per_step  # (importing models registers its custom layers for loading)
-from cleanmessy.params import Params, flatten
+from cleanmessy.params import Params, used_train_params
 from cleanmessy.project import Paths
 
 log = logging.getLogger(__name__)
@@ -79,53 +83,104 @@ def prediction_frame(frame: pd.DataFrame, probs: np.ndarray, class_names: list[s
     return out
 
 
-def data_summary(paths: Paths, params: Params) -> dict[str, Any]:
-    """What the model card says about the data."""
-    from cleanmessy.stages.ingest import manifest_hash
+# pipeline/metrics.json's names -> the test evaluation's. Few and short, so that `dvc metrics
+# show` and `dvc exp show` fit 100 columns; the rest is in pipeline/evaluation.json.
+HEADLINE = {"accuracy": "accuracy", "ci95_low": "accuracy_ci95_low", "ci95_high": "accuracy_ci95_high",
+            "roc_auc": "roc_auc", "macro_f1": "macro_f1", "loss": "loss"}
 
-    manifest = pd.read_csv(paths.manifest, keep_default_na=False)
-    return {
-        "source": params.ingest.source,
-        "n_images": len(manifest),
-        "classes": manifest["label"].value_counts().sort_index().to_dict(),
-        "split_sizes": {s: len(read_split(paths.split_csv(s))) for s in ("train", "val", "test")},
-        "manifest_sha256": manifest_hash(paths.manifest),
-    }
+
+def headline(test: dict[str, Any]) -> dict[str, Any]:
+    """The test metrics pipeline/metrics.json holds (all on the test split): accuracy and its 95 %
+    interval, ROC AUC, macro F1, loss."""
+    return {name: test[key] for name, key in HEADLINE.items()}
+
+
+def predict_frame(model: keras.Model, frame: pd.DataFrame, root, class_names: list[str], image_size: int,
+                  batch_size: int) -> np.ndarray:
+    """Class probabilities for every image of a split frame."""
+    ds = make_dataset(frame, root, class_names, image_size, photos_per_step(model, batch_size))
+    with image_read_errors():
+        return model.predict(ds, verbose=0)
+
+
+def compare_with_production(name: str, test_frame: pd.DataFrame, correct: np.ndarray, root,
+                            class_names: list[str], batch_size: int) -> tracking.Comparison | None:
+    """Score the production version (if any) on this version's test images that it never trained
+    or validated on (by content hash), beside this version's score on the same images."""
+    from mlflow import MlflowClient
+
+    production = tracking.alias_version(MlflowClient(), name, "production")
+    if production is None:
+        return None
+    seen = tracking.training_images(production.run_id) if production.run_id else None
+    if seen is None:
+        raise UserError(f"production version {production.version} of '{name}' does not record its training "
+                        "images, so it cannot be compared with this version on the same images; move the "
+                        "alias by hand (`MlflowClient().set_registered_model_alias`) or delete it")
+    shared = ~test_frame["sha256"].isin(seen).to_numpy()
+    comparison = dict(production_version=str(production.version), n_test=len(test_frame), n_shared=int(shared.sum()),
+                      candidate_correct=int(correct[shared].sum()), production_correct=0)
+    if shared.any():
+        uri = f"models:/{name}/{production.version}"
+        meta = mlflow.models.Model.load(uri).metadata or {}
+        if list(meta.get("class_names", [])) != class_names:
+            raise UserError(f"production version {production.version} has classes {meta.get('class_names')}, "
+                            f"this version {class_names}: they cannot be compared")
+        with contextlib.redirect_stdout(io.StringIO()):  # MLflow's Keras loader prints progress bars
+            other = mlflow.keras.load_model(uri)
+        rows = test_frame[shared]
+        probs = predict_frame(other, rows, root, class_names, int(meta["image_size"]), batch_size)
+        comparison["production_correct"] = int((probs.argmax(axis=1) == label_indices(rows, class_names)).sum())
+    return tracking.Comparison(**comparison)
 
 
 def main(paths: Paths, params: Params) -> None:
     run = tracking.RunInfo.load(paths.run_info)
     test_frame = read_split(paths.split_csv("test"))
     name, min_acc = params.evaluate.model_name, params.evaluate.min_accuracy
-    tracking.setup(paths)
+    report = json.loads(paths.ingest_report.read_text())
+    data = {**describe_data(report), "source": report["source"], "manifest_sha256": manifest_hash(paths.manifest),
+            "split_sizes": {s: len(read_split(paths.split_csv(s))) for s in ("train", "val", "test")}}
+    experiment_id = tracking.setup(paths)
+    run_id = tracking.training_run_id(paths, experiment_id)
     # All in the training run: if anything fails, MLflow marks the run FAILED and nothing is registered.
-    with mlflow.start_run(run_id=run.run_id):
+    with mlflow.start_run(run_id=run_id):
         try:
             model = keras.models.load_model(paths.model)
         except (OSError, TypeError, ValueError) as exc:
             raise UserError(f"cannot load {paths.model}: {exc}; run `cleanmessy train` (or `dvc repro`)") from None
-        ds = make_dataset(test_frame, paths.root, run.class_names, run.image_size,
-                          photos_per_step(model, params.train.batch_size))
-        with image_read_errors():
-            probs = model.predict(ds, verbose=0)
-        test = compute_metrics(label_indices(test_frame, run.class_names), probs, run.class_names)
+        probs = predict_frame(model, test_frame, paths.root, run.class_names, run.image_size, params.train.batch_size)
+        y_true = label_indices(test_frame, run.class_names)
+        test = compute_metrics(y_true, probs, run.class_names)
         log.info("evaluate: test accuracy %.4f [%.4f, %.4f] on %d images, loss %.4f", test["accuracy"],
-             test["accuracy_ci95_low"], test["accuracy_ci95_high"], test["n"], test["loss"])
+                 test["accuracy_ci95_low"], test["accuracy_ci95_high"], test["n"], test["loss"])
         mlflow.log_metrics(mlflow_metrics(test))
-        mlflow.log_dict({"test": test}, "metrics.json")
-        train_params = {"base.image_size": params.base.image_size,
-                        **{k: v for k, v in flatten(params).items() if k.startswith("train.")}}
-        card = render_card(name, data_summary(paths, params), train_params, test)
+        mlflow.log_dict({"test": test}, "evaluation.json")
+        card = render_card(name, data, {"base.image_size": run.image_size, **used_train_params(params.train)}, test)
         mlflow.log_text(card, "model_card.md")
-        example = next(iter(ds.unbatch().batch(1).take(1)))[0].numpy()
-        info = tracking.log_keras_model(model, example, model.predict(example, verbose=0),
-                                        {"class_names": run.class_names, "image_size": run.image_size},
-                                        extra_files={"model_card.md": card})
-        tags = {"run_id": run.run_id, "class_names": ",".join(run.class_names),
-                "min_accuracy": str(min_acc), **mlflow.get_run(run.run_id).data.tags}
+        comparison = compare_with_production(name, test_frame, probs.argmax(axis=1) == y_true, paths.root,
+                                             run.class_names, params.train.batch_size)
+        example = to_model_input_batch(test_frame, paths.root, run.image_size)
+        with contextlib.redirect_stdout(io.StringIO()):  # MLflow's signature check prints progress bars
+            info = tracking.log_keras_model(model, example, model.predict(example, verbose=0),
+                                            {"class_names": run.class_names, "image_size": run.image_size,
+                                             "min_side": params.ingest.min_side, "training_data": describe_data(report)},
+                                            extra_files={"model_card.md": card})
+        tags = {"class_names": ",".join(run.class_names), "min_accuracy": str(min_acc), "test_images": str(test["n"]),
+                "data_kind": data["kind"], **mlflow.get_run(run_id).data.tags}
         tags = {k: v for k, v in tags.items() if not k.startswith("mlflow.")}
-        promotion = tracking.register_and_promote(info.model_uri, name, run.run_id, test["accuracy"], min_acc, tags)
+        promotion = tracking.register_and_promote(info, name, run_id, test["accuracy"], min_acc, comparison, tags, card)
         mlflow.set_tags({"registered_version": promotion.version, "promotion": promotion.reason})
-    paths.metrics.write_text(json.dumps({"test": test}, indent=2) + "\n")
+    paths.metrics.write_text(json.dumps(headline(test), indent=2) + "\n")
+    paths.evaluation.write_text(json.dumps({"test": test}, indent=2) + "\n")
     prediction_frame(test_frame, probs, run.class_names).to_csv(paths.predictions, index=False)
-    log.info("evaluate: registered %s version %s (staging); %s", name, promotion.version, promotion.reason)
+    aliases = [a for a, on in (("staging", promotion.staging), ("production", promotion.production)) if on]
+    log.info("evaluate: registered %s version %s (%s); %s", name, promotion.version,
+             ", ".join(aliases) or "no alias", promotion.reason)
+
+
+def to_model_input_batch(frame: pd.DataFrame, root, image_size: int) -> np.ndarray:
+    """The first test image as a batch of one: the logged model's input example."""
+    from cleanmessy.images import load_for_model
+
+    return load_for_model(root / frame["path"].iloc[0], image_size)[None]

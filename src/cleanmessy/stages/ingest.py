@@ -269,11 +269,6 @@ def run_ingest(files: Iterable[tuple[PurePosixPath, Reader]], params: IngestPara
     return IngestResult(manifest, report)
 
 
-def manifest_hash(manifest_csv: Path) -> str:
-    """Content hash of the manifest: the data lineage tag on MLflow runs."""
-    return hashlib.sha256(manifest_csv.read_bytes()).hexdigest()
-
-
 def main(paths: Paths, params: Params) -> None:
     p = params.ingest
     with tempfile.TemporaryDirectory() as tmp:

@@ -177,9 +177,8 @@ def main(paths: Paths, params: Params) -> None:
         files.append(paths.plots / name)
         fig.savefig(files[-1], dpi=params.plot.dpi)
         plt.close(fig)
-    run = tracking.RunInfo.load(paths.run_info)
-    tracking.setup(paths)
-    with mlflow.start_run(run_id=run.run_id):
+    run_id = tracking.training_run_id(paths, tracking.setup(paths))
+    with mlflow.start_run(run_id=run_id):
         for file in files:  # at the artifact root, where MLflow's run-compare view shows images side by side
             mlflow.log_artifact(str(file))
-    log.info("plot: %d figures in %s, logged to run %s", len(figures), paths.plots, run.run_id)
+    log.info("plot: %d figures in %s, logged to run %s", len(figures), paths.plots, run_id)

@@ -5,8 +5,10 @@ Opens the MLflow run that evaluate and plot add to: all params, lineage tags, pe
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from datetime import datetime
 from pathlib import Path
 
 import keras
@@ -15,37 +17,54 @@ import numpy as np
 import pandas as pd
 
 from cleanmessy import tracking
-from cleanmessy.inputs import image_read_errors, label_indices, make_dataset, read_split
-from cleanmessy.models import build_model, compile_model, fine_tunes, is_transfer, photos_per_step, unfreeze_top
-from cleanmessy.params import Params, TrainParams, flatten
+from cleanmessy.inputs import image_read_errors, label_indices, make_dataset, manifest_hash, read_split
+from cleanmessy.card import describe_data
+from cleanmessy.models import (build_model, compile_model, fine_tunes, is_transfer, photos_per_step, save_model,
+                               unfreeze_top)
+from cleanmessy.params import Params, TrainParams, used_train_params
 from cleanmessy.project import Paths
-from cleanmessy.stages.ingest import manifest_hash
 
 log = logging.getLogger(__name__)
 
 
-class MlflowEpochLogger(keras.callbacks.Callback):
-    """Per-epoch metrics into the active MLflow run (step = epoch number over all phases, from 1)."""
+HISTORY_COLUMNS = ["epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
 
-    def __init__(self, first_epoch: int = 1) -> None:
+
+def epoch_metrics(logs: dict) -> dict[str, float]:
+    """Keras's per-epoch names with a train_ prefix where Keras has none, so MLflow sorts and
+    labels them as train_/val_/test_ (an unprefixed `accuracy` reads as the model's accuracy)."""
+    return {(k if k.startswith("val_") else f"train_{k}"): float(v) for k, v in logs.items()}
+
+
+class EpochReporter(keras.callbacks.Callback):
+    """One log line per epoch (instead of Keras's progress bars) and, optionally, the epoch's
+    metrics in the active MLflow run (step = epoch number over all phases, from 1)."""
+
+    def __init__(self, first_epoch: int, epochs: int, phase: str, log_to_mlflow: bool) -> None:
         super().__init__()
-        self.first_epoch = first_epoch
+        self.first_epoch, self.epochs, self.phase, self.log_to_mlflow = first_epoch, epochs, phase, log_to_mlflow
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=self.first_epoch + epoch)
+        metrics = epoch_metrics(logs or {})
+        log.info("train: epoch %d/%d%s  %s", epoch + 1, self.epochs, "" if self.phase == "train" else f" ({self.phase})",
+                 "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if self.log_to_mlflow:
+            mlflow.log_metrics(metrics, step=self.first_epoch + epoch)
 
 
 def fit(model: keras.Model, train_ds, val_ds, epochs: int, patience: int, phase: str = "train",
         first_epoch: int = 1, log_to_mlflow: bool = True) -> pd.DataFrame:
     """Train with early stopping on val loss, keeping the best epoch's weights; the history."""
-    callbacks: list = [keras.callbacks.EarlyStopping("val_loss", patience=patience, restore_best_weights=True)]
-    if log_to_mlflow:
-        callbacks.append(MlflowEpochLogger(first_epoch))
-    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=2, callbacks=callbacks)
-    frame = pd.DataFrame(history.history)
+    callbacks: list = [keras.callbacks.EarlyStopping("val_loss", patience=patience, restore_best_weights=True),
+                       EpochReporter(first_epoch, epochs, phase, log_to_mlflow)]
+    # shuffle=False: the dataset shuffles itself (Keras warns that it ignores shuffle=True here)
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0, shuffle=False,
+                        callbacks=callbacks)
+    frame = pd.DataFrame([epoch_metrics(dict(zip(history.history, values)))
+                          for values in zip(*history.history.values())])
     frame.insert(0, "epoch", range(first_epoch, first_epoch + len(frame)))
     frame.insert(1, "phase", phase)
-    return frame
+    return frame[HISTORY_COLUMNS]
 
 
 def cached_features(model: keras.Model, images) -> np.ndarray:
@@ -102,7 +121,7 @@ def fit_head_on_features(model: keras.Model, train_images, val_images, labels: t
         model.get_layer("probabilities").set_weights(list(fit_logistic(train_x, train_y, n_classes, p.head_c)))
         loss, accuracy = head.evaluate(train_x, train_y, verbose=0)
         val_loss, val_accuracy = head.evaluate(val_x, labels[1], verbose=0)
-        row = {"loss": loss, "accuracy": accuracy, "val_loss": val_loss, "val_accuracy": val_accuracy}
+        row = {"train_loss": loss, "train_accuracy": accuracy, "val_loss": val_loss, "val_accuracy": val_accuracy}
         if log_to_mlflow:
             mlflow.log_metrics(row, step=1)
         return pd.DataFrame([{"epoch": 1, "phase": "head", **row}])
@@ -149,30 +168,49 @@ def train_model(model: keras.Model, train_frame: pd.DataFrame, val_frame: pd.Dat
     return history
 
 
+def describe_run(p: TrainParams, data: dict, n_train: int, n_val: int, tags: dict[str, str]) -> str:
+    """The run's description in the MLflow UI (markdown): what was trained on what, from where."""
+    lines = [f"**{p.arch}** trained on {data['description']}: {n_train} training and {n_val} validation "
+             f"images ({', '.join(f'{c} {n}' for c, n in data['classes'].items())} in all)."]
+    commit = tags["git_commit"][:7]
+    lines.append(f"Code: git `{commit}`" + (" with uncommitted changes." if tags["git_dirty"] == "true" else "."))
+    if "dvc_exp_name" in tags:
+        lines.append(f"DVC experiment `{tags['dvc_exp_name']}` (`dvc exp show` lists it).")
+    return "\n\n".join(lines)
+
+
 def main(paths: Paths, params: Params) -> None:
     b, p = params.base, params.train
     train_frame, val_frame = read_split(paths.split_csv("train")), read_split(paths.split_csv("val"))
     class_names = sorted(set(train_frame["label"]))
-    model = build_model(len(class_names), b.image_size, p, b.seed)
+    report = json.loads(paths.ingest_report.read_text())
+    data = describe_data(report)
+    manifest_sha256 = manifest_hash(paths.manifest)
 
     experiment_id = tracking.setup(paths)
-    tags = tracking.lineage_tags(paths, manifest_hash(paths.manifest), params.ingest.source)
-    with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:
-        log.info("train: MLflow run %s; %s on %d images, %d classes", run.info.run_id, p.arch,
+    tags = tracking.lineage_tags(paths, manifest_sha256, report["source"])
+    tags["mlflow.note.content"] = describe_run(p, data, len(train_frame), len(val_frame), tags)
+    name = tracking.run_name(tags.get("dvc_exp_name"), p.arch, b.image_size, datetime.now())
+    # The run starts before the model is built: building seeds Python's random generator, and
+    # MLflow would then draw the same random run name every time.
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
+        model = build_model(len(class_names), b.image_size, p, b.seed)
+        log.info("train: MLflow run %s (%s); %s on %d images, %d classes", name, run.info.run_id, p.arch,
                  len(train_frame), len(class_names))
-        # Every param that shapes the model; evaluate's and plot's do not (they may change per rerun).
-        mlflow.log_params({k: v for k, v in flatten(params).items()
-                           if k.split(".")[0] in ("base", "ingest", "split", "train")})
-        mlflow.log_params({"n_train": len(train_frame), "n_val": len(val_frame),
-                           "class_names": ",".join(class_names)})
+        mlflow.log_params({"base.seed": b.seed, "base.image_size": b.image_size, **used_train_params(p),
+                           "n_train": len(train_frame), "n_val": len(val_frame), "class_names": ",".join(class_names)})
+        tracking.log_manifest(pd.read_csv(paths.manifest, keep_default_na=False), report["source"],
+                              f"{data['kind']}-manifest", manifest_sha256)
+        tracking.log_training_images(list(train_frame["sha256"]) + list(val_frame["sha256"]))
         started = time.perf_counter()
         history = train_model(model, train_frame, val_frame, paths.root, class_names, b.image_size, p, b.seed)
         mlflow.log_metric("train_seconds", time.perf_counter() - started)
         best = int(history["val_loss"].idxmin())
-        mlflow.log_metrics({"best_epoch": best + 1, "epochs_run": len(history)})
+        mlflow.log_metrics({"train_best_epoch": best + 1, "train_epochs_run": len(history)})
         paths.model.parent.mkdir(parents=True, exist_ok=True)
-        model.save(paths.model)
+        save_model(model, paths.model)
         history.to_csv(paths.history, index=False)
-        tracking.RunInfo(run.info.run_id, experiment_id, class_names, b.image_size).save(paths.run_info)
+        tracking.RunInfo(class_names, b.image_size).save(paths.run_info)
+        tracking.remember_training_run(paths, run.info.run_id)
     log.info("train: best epoch %d of %d, val_loss %.4f, val_accuracy %.4f", best + 1, len(history),
              history["val_loss"][best], history["val_accuracy"][best])

@@ -1,0 +1,61 @@
+"""What a person sees on the terminal: the project's own log lines, not the start-up chatter of
+the libraries under it (TensorFlow's absl/oneDNN lines, MLflow's environment guesses)."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import sys
+import threading
+
+# TensorFlow's C++ start-up lines: written to file descriptor 2 by absl before any Python logging
+# is set up (so TF_CPP_MIN_LOG_LEVEL does not silence them), once per shared library that logs.
+STARTUP_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|oneDNN custom operations are on|"
+    r"Unable to register cu(DNN|FFT|BLAS) factory|cuda_(blas|dnn|fft|dr)|computation placer already registered|"
+    r"This TensorFlow binary is optimized to use available CPU instructions|"
+    r"rebuild TensorFlow with the appropriate compiler flags|Could not find cuda drivers|TF-TRT Warning")
+
+# Loggers whose INFO lines are about the libraries, not the user's run.
+QUIET_LOGGERS = {"alembic": logging.WARNING, "mlflow": logging.WARNING, "urllib3": logging.WARNING,
+                 "httpx": logging.WARNING, "absl": logging.WARNING, "matplotlib": logging.WARNING,
+                 # "Failed to resolve installed pip version": uv venvs have no pip; the requirements are pinned
+                 "mlflow.utils.environment": logging.ERROR}
+
+
+def filter_stderr() -> None:
+    """From now on, pass everything written to file descriptor 2 (by Python, C++ libraries or
+    child processes) through a thread that drops the known start-up lines. TensorFlow writes them
+    from C++ at import and again when it first builds a graph, where no Python setting reaches.
+    At exit the original stderr is put back and the thread drains what is left."""
+    sys.stderr.flush()
+    original = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb") as pipe, os.fdopen(os.dup(original), "wb", buffering=0) as out:
+            for line in pipe:
+                if not STARTUP_NOISE.search(line.decode(errors="replace")):
+                    out.write(line)
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(original, 2)  # closes the pipe's last write end: the pump sees end of file
+        thread.join(timeout=5)
+
+    atexit.register(restore)
+
+
+def setup_logging(verbose: bool) -> None:
+    """`HH:MM:SS LEVEL logger: message` lines on stderr; libraries only from WARNING up."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else level)
