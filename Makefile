@@ -34,9 +34,10 @@ browser:
 test: setup browser
 	$(RUN) pytest
 
-# The Gradio app for the model at the `production` stage: http://127.0.0.1:7860
+# The Gradio app for the model at the `production` stage: http://127.0.0.1:7860 (SERVE_PORT)
+SERVE_PORT ?= 7860
 serve: setup
-	$(RUN) cleanmessy serve --stage production
+	$(RUN) cleanmessy serve --stage production --port $(SERVE_PORT)
 
 # The best configuration for real photos (experiments/real-photos.yaml), as a DVC experiment:
 # make real SOURCE=path/to/photos (a folder of <class>/<image>, e.g. the Kaggle
@@ -46,9 +47,10 @@ real: setup
 	flags="$$($(RUN) cleanmessy exp-flags experiments/real-photos.yaml)" && \
 	set -f && $(RUN) dvc exp run -S ingest.source=$(SOURCE) $$flags  # set -f: no globbing of [[...]]
 
-# The MLflow UI over the project's store: http://127.0.0.1:5000
+# The MLflow UI over the project's store; prints the link to the runs (UI_PORT=5000 by default)
+UI_PORT ?= 5000
 ui: setup
-	$(RUN) mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+	$(RUN) cleanmessy ui --port $(UI_PORT)
 
 # Remove pipeline outputs (not the MLflow store).
 clean-outputs:

@@ -143,5 +143,36 @@ def serving(project: Path, *args: str) -> Iterator[str]:
             process.kill()
 
 
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `make test` installs it (Playwright downloads no browser)
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update"]
+SCREENSHOTS = os.environ.get("CLEANMESSY_SCREENSHOTS")  # a folder to keep the tests' screenshots in
+
+
+@contextlib.contextmanager
+def browser_page(width: int = 1280, height: int = 900) -> Iterator:
+    """A Playwright page in headless Chromium; skips without Chromium, except in CI where it fails."""
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium (make test does)")
+        pytest.skip("Debian's chromium is not installed (`make test` installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()
+
+
+def screenshot(page, path: Path) -> None:
+    """Save a full-page screenshot, and a copy in $CLEANMESSY_SCREENSHOTS when set (to look at)."""
+    page.screenshot(path=str(path), full_page=True)
+    if SCREENSHOTS:
+        Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(SCREENSHOTS) / path.name)
+
+
 requires_real_photos = pytest.mark.skipif(
     not REAL_PHOTOS.is_dir(), reason=f"real photos not available at {REAL_PHOTOS} (only on the team's machines)")

@@ -64,13 +64,30 @@ def _model_uri(args: argparse.Namespace) -> str:
 def _predict(args: argparse.Namespace) -> int:
     from cleanmessy.serving.predict import run
 
-    return run(args.paths, _model_uri(args), args.out, args.batch_size)
+    return run(args.paths, lambda: _model_uri(args), args.out, args.batch_size)
 
 
 def _serve(args: argparse.Namespace) -> None:
     from cleanmessy.serving.app import serve
 
     serve(_model_uri(args), "0.0.0.0" if args.public else args.host, args.port, args.auth, args.max_pixels)
+
+
+def _ui(args: argparse.Namespace) -> None:
+    """Start `mlflow ui` on the project's store and print the link to the experiment's runs."""
+    from cleanmessy import tracking
+    from cleanmessy.project import project_paths
+
+    paths = project_paths()
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        raise UserError(f"MLFLOW_TRACKING_URI is set ({os.environ['MLFLOW_TRACKING_URI']}): open that server's UI; "
+                        "`cleanmessy ui` serves the project's own store")
+    experiment_id = tracking.setup(paths)  # so the link works before the first run
+    store = tracking.tracking_uri(paths)
+    link = tracking.runs_page(f"http://{args.host}:{args.port}", experiment_id)
+    print(f"MLflow UI for {store}\nopen {link}\n(ready in ~15 s; Ctrl-C stops it)", flush=True)
+    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store,
+                              "--host", args.host, "--port", str(args.port), "--workers", "1"])
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -116,13 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
                                        "dvc exp run $(cleanmessy exp-flags FILE)")
     flags.add_argument("file", type=Path, metavar="FILE")
     flags.set_defaults(func=_exp_flags)
+
+    ui = sub.add_parser("ui", help="the MLflow UI on the project's store, with a link to the runs",
+                        description="Start `mlflow ui` on the project's MLflow store and print the link that "
+                                    "opens the experiment on its runs table (MLflow 3's UI otherwise opens "
+                                    "its GenAI view).")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=_ui)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.func is not _exp_flags:  # every other command may load TensorFlow
+    if args.func not in (_exp_flags, _ui):  # every other command may load TensorFlow (ui execs mlflow)
         filter_stderr()
     try:
         status = args.func(args)

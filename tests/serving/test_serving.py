@@ -16,13 +16,10 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from conftest import run, serving
+from conftest import CHROMIUM, CHROMIUM_ARGS, run, serving
 
 pytestmark = pytest.mark.slow
-CHROMIUM = Path("/usr/bin/chromium")
 MAX_PIXELS = 1_000_000  # the test server's pixel budget
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update"]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -106,8 +106,9 @@ def render(frame: pd.DataFrame, class_names: list[str], width: int = WIDTH) -> s
     return "\n".join(lines)
 
 
-def run(paths: list[Path], model_uri: str, out: Path | None, batch_size: int) -> int:
-    """The CLI command: prints a table, writes CSV if asked; exit 1 if any file failed."""
+def run(paths: list[Path], model_uri: Callable[[], str], out: Path | None, batch_size: int) -> int:
+    """The CLI command: prints a table, writes CSV if asked; exit 1 if any file failed.
+    `model_uri` is asked for only once the options are known good (it needs MLflow)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
@@ -119,7 +120,7 @@ def run(paths: list[Path], model_uri: str, out: Path | None, batch_size: int) ->
         return 1
     from cleanmessy.serving.model import ServedModel  # TensorFlow: only once the options are known good
 
-    served = ServedModel.load(model_uri)
+    served = ServedModel.load(model_uri())
     frame = predict_files(served, files, batch_size)
     try:
         print(render(frame, served.class_names), flush=True)

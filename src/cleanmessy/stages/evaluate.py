@@ -92,7 +92,7 @@ HEADLINE = {"accuracy": "accuracy", "ci95_low": "accuracy_ci95_low", "ci95_high"
 def headline(test: dict[str, Any]) -> dict[str, Any]:
     """The test metrics pipeline/metrics.json holds (all on the test split): accuracy and its 95 %
     interval, ROC AUC, macro F1, loss."""
-    return {name: test[key] for name, key in HEADLINE.items()}
+    return {name: None if test[key] is None else round(test[key], 6) for name, key in HEADLINE.items()}
 
 
 def predict_frame(model: keras.Model, frame: pd.DataFrame, root, class_names: list[str], image_size: int,

@@ -1,0 +1,59 @@
+"""The command line as a user meets it first: help and argument mistakes answer at once, without
+loading TensorFlow or MLflow (importing TensorFlow alone takes 7-13 s)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("tensorflow", "keras", "mlflow", "gradio", "sklearn", "matplotlib")
+
+# Runs the CLI in a fresh interpreter and reports which heavy packages it imported.
+PROBE = """
+import sys
+from cleanmessy.cli import main
+try:
+    status = main(sys.argv[1:])
+except SystemExit as exc:
+    status = exc.code
+heavy = sorted({m.split('.')[0] for m in sys.modules} & set(%r))
+print('HEAVY=' + ','.join(heavy), file=sys.stderr)
+sys.exit(status)
+""" % (HEAVY,)
+
+
+def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=cwd)
+
+
+def heavy_modules(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.rsplit("HEAVY=", 1)[1].strip()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["predict", "--help"], ["serve", "--help"], ["train", "--help"],
+                                  ["ui", "--help"]])
+def test_help_loads_no_heavy_package(args):
+    result = cli(*args)
+    assert result.returncode == 0 and "usage: cleanmessy" in result.stdout
+    assert heavy_modules(result) == ""
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["predict"], "the following arguments are required: PATH"),
+    (["nonsense"], "invalid choice: 'nonsense'"),
+    (["serve", "--port", "eighty"], "invalid int value: 'eighty'"),
+    (["predict", "x.jpg", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["predict", "x.jpg", "--out", "/no/such/folder/out.csv"], "folder /no/such/folder does not exist"),
+])
+def test_argument_mistakes_are_one_line_and_load_no_heavy_package(args, message, tmp_path):
+    result = cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert heavy_modules(result) == ""
+
+
+def test_exp_flags_outside_a_project_is_a_clear_error(tmp_path):
+    result = cli("exp-flags", "experiments/real-photos.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and "no Clean vs Messy project found" in result.stderr

@@ -1,0 +1,139 @@
+"""The README's quick start, as a new user runs it: `make run` on a fresh clone of the committed
+repository (its own uv, its own .venv, the default params), then the commands the README shows
+next: `dvc metrics show`, `make ui` and `make serve`, looked at in a real browser.
+
+This clones the last commit: uncommitted changes are not in it (CI tests a clean clone anyway)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import REPO, VENV_BIN, browser_page, free_port, screenshot, tool_env, wait_for_http
+
+pytestmark = pytest.mark.slow
+
+
+def user_env(clone: Path, activated: bool = False) -> dict[str, str]:
+    """A new user's shell: nothing of the test's venv on PATH (optionally the clone's .venv activated)."""
+    env = tool_env()
+    path = [p for p in env["PATH"].split(os.pathsep) if Path(p) != VENV_BIN]
+    if activated:
+        path.insert(0, str(clone / ".venv" / "bin"))
+    env["PATH"] = os.pathsep.join(path)
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def sh(cmd: str, clone: Path, activated: bool = False, **extra: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, shell=True, cwd=clone, env={**user_env(clone, activated), **extra},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, f"{cmd} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A fresh clone on which `make run` has run."""
+    folder = tmp_path_factory.mktemp("fresh") / "clean-vs-messy"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(folder)], check=True)
+    return folder, sh("make run", folder)
+
+
+@contextmanager
+def background(cmd: str, clone: Path, log: Path) -> Iterator[subprocess.Popen]:
+    """A long-running README command (make ui / make serve), stopped with its whole process group."""
+    with log.open("w") as out:
+        process = subprocess.Popen(cmd, shell=True, cwd=clone, env=user_env(clone), stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield process
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_make_run_leaves_the_clone_unchanged(clone):
+    """The committed outputs are what the pipeline makes: after `make run`, git sees no change
+    (dvc.lock, metrics, plots, history: all identical), so the MLflow run is not 'dirty'."""
+    folder, result = clone
+    assert re.findall(r"Running stage '(\w+)'", result.stdout) == ["ingest", "split", "train", "evaluate", "plot"]
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=folder, capture_output=True, text=True).stdout
+    assert status == "", status
+    store = f"sqlite:///{folder / 'mlruns/mlflow.db'}"
+    (mlflow_run,) = MlflowClient(tracking_uri=store).search_runs(["1"])
+    assert mlflow_run.data.tags["git_dirty"] == "false"
+    assert re.fullmatch(r"seed_cnn-64px-\d{4}-\d{6}", mlflow_run.info.run_name)
+
+
+def test_output_is_the_projects_own_progress(clone):
+    """What the user reads: one line per epoch, no TensorFlow start-up lines, no Keras progress bars,
+    no MLflow environment warnings."""
+    _, result = clone
+    out = result.stdout + result.stderr
+    for noise in ("absl::InitializeLog", "oneDNN custom operations", "━━", "Failed to resolve installed pip",
+                  "shuffle=True", "UserWarning", "Traceback"):
+        assert noise not in out, noise
+    assert re.search(r"train: epoch 1/40 +train_", out)
+
+
+def test_dvc_metrics_show_in_the_activated_venv(clone):
+    folder, _ = clone
+    table = sh("dvc metrics show", folder, activated=True, COLUMNS="100").stdout
+    assert table.splitlines()[0].split() == ["Path", "accuracy", "ci95_high", "ci95_low", "loss", "macro_f1", "roc_auc"]
+    assert max(map(len, table.splitlines())) <= 100
+
+
+def test_dvc_repro_works_without_activating_the_venv(clone):
+    """`.venv/bin/dvc repro` with the venv not activated: src/stage.sh finds the project's .venv."""
+    folder, _ = clone
+    result = sh(".venv/bin/dvc repro --force split", folder)
+    assert "Running stage 'split'" in result.stdout
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=folder, capture_output=True, text=True).stdout == ""
+
+
+def test_make_ui_opens_the_experiment_on_its_runs(clone, tmp_path):
+    """`make ui` prints the link to the runs table; the browser shows the run there, not MLflow 3's
+    empty GenAI page."""
+    folder, _ = clone
+    port = free_port()
+    log = tmp_path / "ui.log"
+    with background(f"make ui UI_PORT={port}", folder, log) as process:
+        wait_for_http(f"http://127.0.0.1:{port}/health", process, log, timeout=180)
+        link = re.search(r"open (http://\S+)", log.read_text()).group(1)
+        assert link.endswith("/runs?workflowType=machine_learning")
+        run_name = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlruns/mlflow.db'}").search_runs(["1"])[0].info.run_name
+        with browser_page(1400, 900) as page:
+            page.goto(link)
+            page.get_by_text(run_name).first.wait_for(timeout=60_000)
+            time.sleep(1)  # let the table finish drawing before the screenshot
+            screenshot(page, tmp_path / "mlflow-runs.png")
+            assert "Traces" not in page.locator("main").inner_text()[:200]
+
+
+def test_make_serve_names_the_training_data(clone, tmp_path):
+    """`make serve` serves the production version; its model panel says the model was trained on
+    the synthetic sample, not on photos."""
+    folder, _ = clone
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with background(f"make serve SERVE_PORT={port}", folder, log) as process:
+        wait_for_http(f"http://127.0.0.1:{port}/", process, log, timeout=180)
+        with browser_page() as page:
+            page.goto(f"http://127.0.0.1:{port}/")
+            panel = page.locator("#model-info")
+            panel.wait_for(timeout=30_000)
+            assert "embedded synthetic sample" in panel.inner_text()
+            screenshot(page, tmp_path / "app.png")

@@ -1,0 +1,62 @@
+"""The README's team setup: the pipeline against a real `mlflow server` (SQLite backend, proxied
+artifacts) on a loopback port, as `MLFLOW_TRACKING_URI=http://127.0.0.1:<port> dvc repro`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import VENV_BIN, copy_project, free_port, run, tool_env, wait_for_http
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """`mlflow server` as the README starts it; stopped (by its PID) after the module."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = folder / "server.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+             "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"], cwd=folder, env=tool_env(), stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/health", process, log, timeout=180)
+        yield url, folder
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_pipeline_registers_and_serves_through_a_tracking_server(tracking_server, tmp_path):
+    """dvc repro trains, logs, registers and promotes on the server (registration needs the
+    LoggedModel's id there); nothing lands in the project's own mlruns/; predict loads the
+    production version back from the server."""
+    url, server_folder = tracking_server
+    project = copy_project(tmp_path / "project")
+    result = run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url)
+    assert "Traceback" not in result.stderr
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    production = client.get_model_version_by_alias("clean-vs-messy", "production")
+    run_id = json.loads((project / "pipeline/mlflow_run.json").read_text())["run_id"]
+    assert production.run_id == run_id and production.description.startswith("**promoted")
+    mlflow_run = client.get_run(run_id)
+    assert mlflow_run.info.status == "FINISHED" and "test_accuracy" in mlflow_run.data.metrics
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"training_curves.png", "model_card.md"}
+    assert not (project / "mlruns" / "mlflow.db").exists()
+    assert any(Path(server_folder, "artifacts").rglob("MLmodel"))  # the server holds the artifacts
+
+    photo = sorted((project / "data/images").rglob("*.png"))[0]
+    out = tmp_path / "predictions.csv"
+    run(["cleanmessy", "predict", str(photo), "--out", str(out)], project, MLFLOW_TRACKING_URI=url)
+    assert out.read_text().splitlines()[0].startswith("path,label")
