@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -149,9 +150,21 @@ def build_model(n_classes: int, image_size: int, p: TrainParams, seed: int) -> k
     return compile_model(ARCHITECTURES[p.arch](n_classes, image_size, p, seed), p.learning_rate)
 
 
+def _renumber_shared_objects(config: str) -> str:
+    """Keras names objects shared between layers (e.g. one dtype policy) by their memory address;
+    number them in order of appearance instead, keeping which ones are the same object."""
+    numbers: dict[str, int] = {}
+
+    def renumber(found: re.Match) -> str:
+        return f'"shared_object_id": {numbers.setdefault(found.group(1), len(numbers) + 1)}'
+
+    return re.sub(r'"shared_object_id": (\d+)', renumber, config)
+
+
 def save_model(model: keras.Model, path: Path) -> None:
     """`model.save(path)`, byte-identical for identical weights. Keras stamps the time into the
-    archive (metadata.json's date_saved, the zip entries' dates), which would give the same model a
+    archive (metadata.json's date_saved, the zip entries' dates) and memory addresses into its
+    config (shared_object_id), which would give the same model a
     new hash on every run: DVC would then see a changed output and dvc.lock would differ after
     every fresh `dvc repro`."""
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -165,6 +178,8 @@ def save_model(model: keras.Model, path: Path) -> None:
                     meta = json.loads(data)
                     meta.pop("date_saved", None)
                     data = json.dumps(meta, sort_keys=True).encode()
+                elif info.filename == "config.json":
+                    data = _renumber_shared_objects(data.decode()).encode()
                 entry = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
                 entry.compress_type, entry.external_attr = info.compress_type, 0o644 << 16
                 out.writestr(entry, data)

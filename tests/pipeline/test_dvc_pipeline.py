@@ -247,19 +247,19 @@ def test_committed_experiments_compare_side_by_side(tiny_project):
     baseline = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
     production = client(project).get_model_version_by_alias(MODEL, "production")
 
-    run(["dvc", "exp", "run", "-n", "lr-a", "-S", "train.learning_rate=0.002"], project)
+    run(["dvc", "exp", "run", "-n", "lr-high", "-S", "train.learning_rate=0.002"], project)
     changed = [line for line in run(["git", "diff", "-U0", "params.yaml"], project).stdout.splitlines()
                if line.startswith(("-", "+")) and not line.startswith(("---", "+++"))]
     assert changed == ["-  learning_rate: 0.001", "+  learning_rate: 0.002"]
     run_a = run_info(project)["run_id"]
-    result = run(["dvc", "exp", "run", "-n", "split-b", "-S", "split.test_fraction=0.3"], project)
+    result = run(["dvc", "exp", "run", "-n", "more-test", "-S", "split.test_fraction=0.3"], project)
     assert ran(result.stdout) == ["split", "train", "evaluate", "plot"]
     run_b = run_info(project)["run_id"]
 
     # dvc exp show: numbers, not "!", for the baseline and both experiments
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     rows = {(exp.get("name") or exp["rev"]): exp for row in shown for exp in [row] + [e for x in row.get("experiments") or [] for e in x["revs"]]}
-    for name in ("lr-a", "split-b", baseline):
+    for name in ("lr-high", "more-test", baseline):
         rev = next(r for key, r in rows.items() if key == name or r.get("rev") == name)
         metrics = rev["data"]["metrics"]["pipeline/metrics.json"]["data"]
         assert isinstance(metrics["accuracy"], float | int), (name, metrics)
@@ -268,27 +268,33 @@ def test_committed_experiments_compare_side_by_side(tiny_project):
                 COLUMNS="100").stdout
     lines = table.splitlines()
     assert max(map(len, lines)) <= 100, table
-    assert any("[lr-a]" in line for line in lines) and any("[split-b]" in line for line in lines), table
+    assert any("[lr-high]" in line for line in lines) and any("[more-test]" in line for line in lines), table
     assert "!" not in table and "…" not in table, table
     assert "train.learning_rate" in table and "split.test_fraction" in table and "ci95_low" in table, table
 
-    diff = run(["dvc", "metrics", "diff", "main", "split-b"], project)
+    full = run(["dvc", "exp", "show", "--no-pager"], project, COLUMNS="300").stdout  # every column
+    assert "[lr-high]" in full and "[more-test]" in full and "!" not in full
+
+    diff = run(["dvc", "metrics", "diff", "main", "lr-high"], project)
     assert "failed to load" not in diff.stdout + diff.stderr
     out = project / "plots-diff"
-    run(["dvc", "plots", "diff", "main", "lr-a", "-o", str(out)], project)
+    run(["dvc", "plots", "diff", "main", "lr-high", "-o", str(out)], project)
     page = (out / "index.html").read_text()
     for plot_id in ("loss", "accuracy", "confusion"):  # the data plots (vega specs) ...
         assert f'"{plot_id}"' in page
-    assert '"rev": "main"' in page and '"rev": "lr-a"' in page  # ... with both revisions' data on one chart
+    assert '"rev": "main"' in page and '"rev": "lr-high"' in page  # ... with both revisions' data on one chart
     assert page.count("<img") == 2 * len(PLOTS)  # and the five PNGs of each revision
+
+    run(["git", "checkout", "params.yaml"], project)  # back to the committed params
+    assert run(["git", "diff", "params.yaml"], project).stdout == ""
 
     # MLflow: two runs with distinct, meaningful names
     mlflow_client = client(project)
     names = {mlflow_client.get_run(r).info.run_name for r in (run_a, run_b)}
-    assert names == {"lr-a", "split-b"}
-    assert mlflow_client.get_run(run_b).data.tags["dvc_exp_name"] == "split-b"
+    assert names == {"lr-high", "more-test"}
+    assert mlflow_client.get_run(run_b).data.tags["dvc_exp_name"] == "more-test"
 
-    # split-b's version was compared with production on the same images: its test images minus
+    # more-test's version was compared with production on the same images: its test images minus
     # those production trained or validated on, scored by both models
     test = pd.read_csv(project / "data/splits/test.csv")
     seen = set(mlflow_client.download_artifacts(production.run_id, "training_images.txt", str(project / "tmp-seen"))

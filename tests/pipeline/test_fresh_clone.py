@@ -6,6 +6,7 @@ This clones the last commit: uncommitted changes are not in it (CI tests a clean
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, VENV_BIN, browser_page, free_port, screenshot, tool_env, wait_for_http
+from conftest import (REAL_PHOTOS, REPO, VENV_BIN, browser_page, free_port, requires_real_photos, screenshot,
+                      tool_env, wait_for_http)
 
 pytestmark = pytest.mark.slow
 
@@ -96,6 +98,13 @@ def test_dvc_metrics_show_in_the_activated_venv(clone):
     assert max(map(len, table.splitlines())) <= 100
 
 
+def test_dvc_plots_show_writes_the_figures(clone):
+    folder, _ = clone
+    sh("dvc plots show", folder, activated=True)
+    page = (folder / "dvc_plots" / "index.html").read_text()
+    assert page.count("<img") == 5 and '"loss"' in page and '"confusion"' in page
+
+
 def test_dvc_repro_works_without_activating_the_venv(clone):
     """`.venv/bin/dvc repro` with the venv not activated: src/stage.sh finds the project's .venv."""
     folder, _ = clone
@@ -137,3 +146,22 @@ def test_make_serve_names_the_training_data(clone, tmp_path):
             panel.wait_for(timeout=30_000)
             assert "embedded synthetic sample" in panel.inner_text()
             screenshot(page, tmp_path / "app.png")
+
+
+@requires_real_photos
+def test_make_real_is_compared_with_the_sample_model_on_real_photos(clone):
+    """`make real SOURCE=...` runs the real-photo configuration as a DVC experiment. Its version is
+    compared with the production (sample-trained) model on the same real test photos, none of
+    which the sample model trained on, and takes production when it gets at least as many right."""
+    folder, _ = clone
+    sh(f"make real SOURCE={REAL_PHOTOS}", folder, CLEANMESSY_KERAS_WEIGHTS=str(REAL_PHOTOS.parents[1] / "keras-weights"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlruns/mlflow.db'}",
+                          registry_uri=f"sqlite:///{folder / 'mlruns/mlflow.db'}")
+    run_id = json.loads((folder / "pipeline/mlflow_run.json").read_text())["run_id"]
+    version = client.get_model_version("clean-vs-messy", client.get_run(run_id).data.tags["registered_version"])
+    n_test = len((folder / "data/splits/test.csv").read_text().splitlines()) - 1
+    assert (f"on the {n_test} of {n_test} test images that production version 1 never trained on"
+            in version.description), version.description
+    assert "Trained on photos from the folder" in version.description
+    if version.description.startswith("**promoted"):
+        assert "production" in version.aliases

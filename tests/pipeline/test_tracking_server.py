@@ -18,14 +18,16 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def tracking_server(tmp_path_factory):
     """`mlflow server` as the README starts it; stopped (by its PID) after the module."""
-    folder = tmp_path_factory.mktemp("mlflow-server")
+    cwd = tmp_path_factory.mktemp("team")
+    folder = cwd / "mlflow-server"
+    folder.mkdir()
     port = free_port()
-    log = folder / "server.log"
-    with log.open("w") as out:
+    log = cwd / "server.log"
+    with log.open("w") as out:  # the README's command, on a free port
         process = subprocess.Popen(
-            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-             "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"], cwd=folder, env=tool_env(), stdout=out, stderr=subprocess.STDOUT)
+            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", "sqlite:///mlflow-server/mlflow.db",
+             "--artifacts-destination", "mlflow-server/artifacts", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=cwd, env=tool_env(), stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/health", process, log, timeout=180)

@@ -401,3 +401,31 @@ def test_auth_protects_the_app(tiny_project, photos):
         client = Client(url, auth=("alice", "s3cret"), verbose=False)
         label, _ = client.predict(handle_file(str(photos["messy"])), api_name="/predict")
         assert set(confidences(label)) == {"clean", "messy"}
+
+
+def test_serve_staging_serves_the_staging_version(tiny_project):
+    """`cleanmessy serve --stage staging` serves the version the `staging` alias points at."""
+    from mlflow import MlflowClient
+
+    project, _ = tiny_project
+    store = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    staging = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version_by_alias("clean-vs-messy", "staging")
+    with serving(project, "--stage", "staging") as url:
+        info = Client(url, verbose=False).predict(api_name="/model_info")
+    assert info["version"] == str(staging.version) and "staging" in info["stages"]
+
+
+def test_predict_a_folder_writes_every_photo_to_the_csv(tiny_project, photos, tmp_path):
+    """`cleanmessy predict photos/ --out predictions.csv`: a folder is searched recursively for
+    image files (other files are not images and are skipped); one row per photo."""
+    project, _ = tiny_project
+    folder = tmp_path / "photos"
+    (folder / "kitchen").mkdir(parents=True)
+    for name in ("clean", "messy"):
+        (folder / "kitchen" / f"{name}.png").write_bytes(photos[name].read_bytes())
+    (folder / "notes.txt").write_text("not a photo")
+    out = tmp_path / "predictions.csv"
+    run(["cleanmessy", "predict", str(folder), "--out", str(out)], project)
+    frame = pd.read_csv(out, keep_default_na=False)
+    assert sorted(Path(p).name for p in frame["path"]) == ["clean.png", "messy.png"]
+    assert (frame["error"] == "").all() and set(frame["label"]) <= {"clean", "messy"}
