@@ -107,6 +107,17 @@ class Paths:
         """The id of the MLflow run that trained pipeline/model.keras (see UNTRACKED)."""
         return self._at("pipeline/mlflow_run.json")
 
+    # Records that evaluate registered, and plot logged, this model in the MLflow store: git-ignored
+    # outputs, so a fresh clone (whose store is empty) lacks them and DVC reruns both stages, even
+    # though the retrained model and every committed output come out identical.
+    @property
+    def registered(self) -> Path:
+        return self._at("pipeline/registered.json")
+
+    @property
+    def figures_logged(self) -> Path:
+        return self._at("pipeline/plots_logged.json")
+
     @property
     def cv_report(self) -> Path:
         return self._at("pipeline/cv.json")

@@ -172,3 +172,37 @@ def test_experiment_file_typo_names_the_file_and_key(tmp_path):
 def test_exp_flags_refuse_values_with_spaces():
     with pytest.raises(UserError, match="ingest.source"):
         exp_flags({"ingest": {"source": "my photos"}})
+
+
+def test_used_train_params_are_what_the_model_uses():
+    """MLflow and the model card show only the train.* params the architecture and head use."""
+    from cleanmessy.params import AugmentParams, TrainParams, used_train_params
+
+    cnn = used_train_params(TrainParams())
+    assert {"train.filters", "train.dense_units", "train.epochs", "train.augment.flip"} <= set(cnn)
+    assert not {"train.weights", "train.alpha", "train.head", "train.head_c", "train.views.regions"} & set(cnn)
+    logistic = used_train_params(TrainParams(arch="mobilenet_v2", head="logistic", augment=AugmentParams("none", 0)))
+    assert {"train.weights", "train.alpha", "train.head_c", "train.views.regions"} <= set(logistic)
+    assert not {"train.epochs", "train.learning_rate", "train.filters", "train.fine_tune_epochs"} & set(logistic)
+    tuned = used_train_params(TrainParams(arch="mobilenet", fine_tune_layers=10))
+    assert {"train.epochs", "train.fine_tune_epochs", "train.fine_tune_learning_rate"} <= set(tuned)
+
+
+def test_dvc_style_params_file_changes_one_line_per_set(tmp_path):
+    """params.yaml is already in the style DVC writes, so `dvc exp run -S train.epochs=30` (DVC's
+    own round-trip writer) changes exactly that line: no reformatted lists or quotes."""
+    import difflib
+    import shutil
+
+    from dvc.utils.serialize import modify_yaml
+
+    from conftest import REPO
+
+    copy = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", copy)
+    with modify_yaml(copy) as data:
+        data["train"]["epochs"] = 30
+    diff = [line for line in difflib.unified_diff((REPO / "params.yaml").read_text().splitlines(),
+                                                  copy.read_text().splitlines(), lineterm="", n=0)
+            if line[:1] in "+-" and not line.startswith(("---", "+++"))]
+    assert diff == ["-  epochs: 40", "+  epochs: 30"]

@@ -22,7 +22,7 @@ from cleanmessy.card import wilson_interval
 from cleanmessy.errors import UserError
 from cleanmessy.inputs import image_read_errors, label_indices, make_dataset, manifest_hash
 from cleanmessy.models import build_model, fine_tunes, photos_per_step
-from cleanmessy.params import Params, flatten
+from cleanmessy.params import Params, used_train_params
 from cleanmessy.project import Paths
 from cleanmessy.stages.train import train_model
 
@@ -86,7 +86,8 @@ def main(paths: Paths, params: Params) -> dict:
     tags = {**tracking.lineage_tags(paths, manifest_hash(paths.manifest), params.ingest.source), "kind": "cv"}
     results: list[dict] = []
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"cv-{p.arch}", tags=tags) as parent:
-        mlflow.log_params({k: v for k, v in flatten(params).items() if k.split(".")[0] in ("base", "ingest", "train", "cv")})
+        mlflow.log_params({"base.seed": b.seed, "base.image_size": b.image_size, "ingest.source": params.ingest.source,
+                           **used_train_params(p), "cv.folds": c.folds, "cv.repeats": c.repeats})
         for repeat, fold, fit_rows, val_rows, test_rows in fold_plan(manifest, c.folds, c.repeats,
                                                                       params.split.val_fraction, b.seed):
             with mlflow.start_run(experiment_id=experiment_id, run_name=f"fold-{repeat}.{fold}", nested=True,

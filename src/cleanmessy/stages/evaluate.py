@@ -174,6 +174,8 @@ def main(paths: Paths, params: Params) -> None:
     paths.metrics.write_text(json.dumps(headline(test), indent=2) + "\n")
     paths.evaluation.write_text(json.dumps({"test": test}, indent=2) + "\n")
     prediction_frame(test_frame, probs, run.class_names).to_csv(paths.predictions, index=False)
+    # No version number or run id here: the same model must give the same file (see Paths.registered).
+    paths.registered.write_text(json.dumps({"model": name, "model_md5": tracking.file_md5(paths.model)}) + "\n")
     aliases = [a for a, on in (("staging", promotion.staging), ("production", promotion.production)) if on]
     log.info("evaluate: registered %s version %s (%s); %s", name, promotion.version,
              ", ".join(aliases) or "no alias", promotion.reason)
