@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -124,23 +125,33 @@ def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout: float
 
 
 @contextlib.contextmanager
+def server(cmd: list[str] | str, cwd: Path, log: Path, ready_url: str, env: dict[str, str] | None = None,
+           timeout: float = 180) -> Iterator[subprocess.Popen]:
+    """A real server (a command line, or a shell command such as `make ui`) in its own process
+    group, its output in `log` (a file, not a pipe: a pipe nobody reads fills and blocks the
+    server); yields once `ready_url` answers; stops the whole group after."""
+    with log.open("w") as out:
+        process = subprocess.Popen(cmd, shell=isinstance(cmd, str), cwd=cwd, env=env or tool_env(), stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_http(ready_url, process, log, timeout)
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # it may have stopped by itself
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
 def serving(project: Path, *args: str) -> Iterator[str]:
     """A real `cleanmessy serve` on a free loopback port; yields its URL, stops it after."""
     port = free_port()
-    log = project / f"serve-{port}.log"  # a file, not a pipe: a pipe nobody reads fills and blocks the server
-    with log.open("w") as out:
-        process = subprocess.Popen(["cleanmessy", "serve", "--port", str(port), *args], cwd=project,
-                                   env=tool_env(), stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_for_http(url, process, log)
+    with server(["cleanmessy", "serve", "--port", str(port), *args], project, project / f"serve-{port}.log", url):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `make test` installs it (Playwright downloads no browser)

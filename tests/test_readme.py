@@ -43,7 +43,7 @@ TESTED = {
     "mlflow server --backend-store-uri sqlite:///mlflow-server/mlflow.db --artifacts-destination "
     "mlflow-server/artifacts --host 127.0.0.1 --port 5000":
         (SERVER, '"server", "--backend-store-uri", "sqlite:///mlflow-server/mlflow.db",\n'
-                 '             "--artifacts-destination", "mlflow-server/artifacts", "--host", "127.0.0.1", "--port"'),
+                 '               "--artifacts-destination", "mlflow-server/artifacts", "--host", "127.0.0.1", "--port"'),
     "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 dvc repro": (SERVER, 'run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url)'),
 }
 

@@ -9,18 +9,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from conftest import (REAL_PHOTOS, REPO, VENV_BIN, browser_page, free_port, requires_real_photos, screenshot,
-                      tool_env, wait_for_http)
+from conftest import (REAL_PHOTOS, REPO, VENV_BIN, browser_page, free_port, requires_real_photos, screenshot, server,
+                      tool_env)
 
 pytestmark = pytest.mark.slow
 
@@ -49,22 +46,6 @@ def clone(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     folder = tmp_path_factory.mktemp("fresh") / "clean-vs-messy"
     subprocess.run(["git", "clone", "-q", str(REPO), str(folder)], check=True)
     return folder, sh("make run", folder)
-
-
-@contextmanager
-def background(cmd: str, clone: Path, log: Path) -> Iterator[subprocess.Popen]:
-    """A long-running README command (make ui / make serve), stopped with its whole process group."""
-    with log.open("w") as out:
-        process = subprocess.Popen(cmd, shell=True, cwd=clone, env=user_env(clone), stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield process
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def test_make_run_leaves_the_clone_unchanged(clone):
@@ -119,8 +100,7 @@ def test_make_ui_opens_the_experiment_on_its_runs(clone, tmp_path):
     folder, _ = clone
     port = free_port()
     log = tmp_path / "ui.log"
-    with background(f"make ui UI_PORT={port}", folder, log) as process:
-        wait_for_http(f"http://127.0.0.1:{port}/health", process, log, timeout=180)
+    with server(f"make ui UI_PORT={port}", folder, log, f"http://127.0.0.1:{port}/health", user_env(folder)):
         link = re.search(r"open (http://\S+)", log.read_text()).group(1)
         assert link.endswith("/runs?workflowType=machine_learning")
         run_name = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlruns/mlflow.db'}").search_runs(["1"])[0].info.run_name
@@ -138,8 +118,7 @@ def test_make_serve_names_the_training_data(clone, tmp_path):
     folder, _ = clone
     port = free_port()
     log = tmp_path / "serve.log"
-    with background(f"make serve SERVE_PORT={port}", folder, log) as process:
-        wait_for_http(f"http://127.0.0.1:{port}/", process, log, timeout=180)
+    with server(f"make serve SERVE_PORT={port}", folder, log, f"http://127.0.0.1:{port}/", user_env(folder)):
         with browser_page() as page:
             page.goto(f"http://127.0.0.1:{port}/")
             panel = page.locator("#model-info")

@@ -4,13 +4,12 @@ artifacts) on a loopback port, as `MLFLOW_TRACKING_URI=http://127.0.0.1:<port> d
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from conftest import VENV_BIN, copy_project, free_port, run, tool_env, wait_for_http
+from conftest import VENV_BIN, copy_project, free_port, run, server
 
 pytestmark = pytest.mark.slow
 
@@ -23,21 +22,11 @@ def tracking_server(tmp_path_factory):
     folder.mkdir()
     port = free_port()
     log = cwd / "server.log"
-    with log.open("w") as out:  # the README's command, on a free port
-        process = subprocess.Popen(
-            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", "sqlite:///mlflow-server/mlflow.db",
-             "--artifacts-destination", "mlflow-server/artifacts", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=cwd, env=tool_env(), stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{url}/health", process, log, timeout=180)
+    command = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", "sqlite:///mlflow-server/mlflow.db",
+               "--artifacts-destination", "mlflow-server/artifacts", "--host", "127.0.0.1", "--port", str(port)]
+    with server(command, cwd, log, f"{url}/health"):  # the README's command, on a free port
         yield url, folder
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def test_pipeline_registers_and_serves_through_a_tracking_server(tracking_server, tmp_path):
