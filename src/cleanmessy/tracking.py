@@ -245,8 +245,11 @@ class Comparison:
     n_shared: int  # of those, the ones production never saw
     candidate_correct: int
     production_correct: int
+    incomparable: str = ""  # why the two cannot be scored on the same images at all (then n_shared is 0)
 
     def describe(self) -> str:
+        if self.incomparable:
+            return self.incomparable
         if not self.n_shared:
             return (f"all {self.n_test} test images were in production version {self.production_version}'s "
                     "training data, so the two cannot be compared fairly")

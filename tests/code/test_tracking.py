@@ -163,6 +163,16 @@ def test_no_shared_test_image_never_promotes():
     assert not ok and "all 30 test images were in production version 4's training data" in reason
 
 
+def test_incomparable_production_never_promotes_and_says_why():
+    """A production version with other classes (or no record of its training images) cannot be
+    scored on the same images: the candidate is registered but not promoted, with the reason."""
+    why = "production version 2 tells ['a', 'b', 'c'] apart, this version ['clean', 'messy']: they cannot be compared"
+    comparison = tracking.Comparison("2", n_test=30, n_shared=0, candidate_correct=0, production_correct=0,
+                                     incomparable=why)
+    ok, reason = tracking.decide_production(0.95, 0.8, comparison)
+    assert not ok and reason == f"not promoted: {why}"
+
+
 # ---------------------------------------------------------------- registry
 
 

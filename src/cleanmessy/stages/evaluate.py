@@ -108,29 +108,36 @@ def compare_with_production(name: str, test_frame: pd.DataFrame, correct: np.nda
     """Score the production version (if any) on this version's test images that it never trained
     or validated on (by content hash), beside this version's score on the same images."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     production = tracking.alias_version(MlflowClient(), name, "production")
     if production is None:
         return None
+    comparison = dict(production_version=str(production.version), n_test=len(test_frame), n_shared=0,
+                      candidate_correct=0, production_correct=0)
+    uri = f"models:/{name}/{production.version}"
+    meta = mlflow.models.Model.load(uri).metadata or {}
     seen = tracking.training_images(production.run_id) if production.run_id else None
     if seen is None:
-        raise UserError(f"production version {production.version} of '{name}' does not record its training "
-                        "images, so it cannot be compared with this version on the same images; move the "
-                        "alias by hand (`MlflowClient().set_registered_model_alias`) or delete it")
-    shared = ~test_frame["sha256"].isin(seen).to_numpy()
-    comparison = dict(production_version=str(production.version), n_test=len(test_frame), n_shared=int(shared.sum()),
-                      candidate_correct=int(correct[shared].sum()), production_correct=0)
-    if shared.any():
-        uri = f"models:/{name}/{production.version}"
-        meta = mlflow.models.Model.load(uri).metadata or {}
-        if list(meta.get("class_names", [])) != class_names:
-            raise UserError(f"production version {production.version} has classes {meta.get('class_names')}, "
-                            f"this version {class_names}: they cannot be compared")
-        with contextlib.redirect_stdout(io.StringIO()):  # MLflow's Keras loader prints progress bars
-            other = mlflow.keras.load_model(uri)
-        rows = test_frame[shared]
-        probs = predict_frame(other, rows, root, class_names, int(meta["image_size"]), batch_size)
-        comparison["production_correct"] = int((probs.argmax(axis=1) == label_indices(rows, class_names)).sum())
+        comparison["incomparable"] = (f"production version {production.version} does not record its training "
+                                      "images, so the two cannot be compared on the same images")
+    elif list(meta.get("class_names", [])) != class_names:
+        comparison["incomparable"] = (f"production version {production.version} tells {meta.get('class_names')} "
+                                      f"apart, this version {class_names}: they cannot be compared")
+    else:
+        shared = ~test_frame["sha256"].isin(seen).to_numpy()
+        comparison.update(n_shared=int(shared.sum()), candidate_correct=int(correct[shared].sum()))
+        if shared.any():
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # MLflow's Keras loader prints progress bars
+                    other = mlflow.keras.load_model(uri)
+            except (OSError, TypeError, ValueError, MlflowException) as exc:
+                return tracking.Comparison(**{**comparison, "n_shared": 0, "candidate_correct": 0, "incomparable": (
+                    f"production version {production.version} cannot be loaded here ({exc}), so the two cannot "
+                    "be compared")})
+            rows = test_frame[shared]
+            probs = predict_frame(other, rows, root, class_names, int(meta["image_size"]), batch_size)
+            comparison["production_correct"] = int((probs.argmax(axis=1) == label_indices(rows, class_names)).sum())
     return tracking.Comparison(**comparison)
 
 
