@@ -26,7 +26,7 @@ REAL_PHOTOS = SHARED / "datasets" / "clean-messy"
 VENV_BIN = Path(sys.executable).parent
 
 # What a fresh clone holds that the pipeline needs (outputs, stores and caches excluded).
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvcignore",
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
                  "data/.gitignore", "pipeline/.gitignore", "mlruns/.gitignore"]
 PROJECT_DIRS = ["src", "data/sample"]
 

@@ -55,10 +55,6 @@ def readme_commands() -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def test_readme_shows_commands():
-    assert len(readme_commands()) >= 15
-
-
 @pytest.mark.parametrize("command", readme_commands())
 def test_every_readme_command_is_run_by_a_test(command):
     assert command in TESTED, f"README shows `{command}`, but no test runs it: add one, and an entry here"

@@ -14,7 +14,7 @@ import threading
 # is set up (so TF_CPP_MIN_LOG_LEVEL does not silence them), once per shared library that logs.
 STARTUP_NOISE = re.compile(
     r"All log messages before absl::InitializeLog|oneDNN custom operations are on|"
-    r"Unable to register cu(DNN|FFT|BLAS) factory|cuda_(blas|dnn|fft|dr)|computation placer already registered|"
+    r"Unable to register cu(DNN|FFT|BLAS) factory|computation placer already registered|"
     r"This TensorFlow binary is optimized to use available CPU instructions|"
     r"rebuild TensorFlow with the appropriate compiler flags|Could not find cuda drivers|TF-TRT Warning")
 

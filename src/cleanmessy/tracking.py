@@ -8,7 +8,7 @@ import json
 import os
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -54,9 +54,6 @@ def setup(paths: Paths) -> str:
         experiment_id = mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     else:
         experiment_id = experiment.experiment_id
-        for key, value in EXPERIMENT_TAGS.items():
-            if experiment.tags.get(key) != value:
-                MlflowClient().set_experiment_tag(experiment_id, key, value)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
@@ -70,7 +67,9 @@ def _git(root: Path, *args: str) -> str:
 
 # Not code: params are logged as params, data by its hash, and dvc.lock and the pipeline outputs
 # are rewritten by every run (so they would make every run "dirty").
-NOT_CODE = ("params.yaml", "dvc.lock", "data", "pipeline", "mlruns")
+NOT_CODE = ("params.yaml", "dvc.lock", "data", "pipeline", "mlruns", ".dvc")
+# The run tags that say where a model came from; registered versions carry them too.
+LINEAGE_TAGS = ("git_commit", "git_dirty", "data_manifest_sha256", "data_source", "dvc_exp_name", "model_md5")
 
 
 def lineage_tags(paths: Paths, manifest_sha256: str, source: str) -> dict[str, str]:
@@ -127,7 +126,8 @@ def remember_training_run(paths: Paths, run_id: str) -> None:
     run can be found again after `dvc exp apply` or `dvc checkout` brings an older model back."""
     md5 = file_md5(paths.model)
     MlflowClient().set_tag(run_id, "model_md5", md5)
-    paths.training_run.write_text(json.dumps({"run_id": run_id, "model_md5": md5}) + "\n")
+    paths.training_run.write_text(json.dumps({"run_id": run_id, "model_md5": md5,
+                                              "tracking_uri": mlflow.get_tracking_uri()}) + "\n")
 
 
 def training_run_id(paths: Paths, experiment_id: str) -> str:
@@ -138,13 +138,17 @@ def training_run_id(paths: Paths, experiment_id: str) -> str:
         noted = json.loads(paths.training_run.read_text())
     except (OSError, ValueError):
         noted = {}
-    if noted.get("model_md5") == md5:
-        return noted["run_id"]
-    found = MlflowClient().search_runs([experiment_id], f"tags.model_md5 = '{md5}'",
-                                       order_by=["attributes.start_time DESC"], max_results=1)
+    client = MlflowClient()
+    if noted.get("model_md5") == md5 and noted.get("tracking_uri") == mlflow.get_tracking_uri():
+        try:
+            return client.get_run(noted["run_id"]).info.run_id
+        except MlflowException:
+            pass  # the store lost it (mlruns/ deleted): look for another run of this model
+    found = client.search_runs([experiment_id], f"tags.model_md5 = '{md5}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
     if not found:
         raise UserError(f"no MLflow run in {mlflow.get_tracking_uri()} trained {paths.model.name} (md5 {md5}); "
-                        "run `dvc repro --force train` to train it again with tracking")
+                        "run `dvc repro --force` to train, evaluate and plot it again with tracking there")
     return found[0].info.run_id
 
 
@@ -178,7 +182,7 @@ def training_images(run_id: str) -> set[str] | None:
 
 
 def run_name(exp_name: str | None, arch: str, image_size: int, now: datetime) -> str:
-    """The DVC experiment's name when there is one, else what and when: `seed_cnn-64px-1127-1230`.
+    """The DVC experiment's name when there is one, else what and when: `seed_cnn-64px-1127-123005`.
     (MLflow's own random names repeat here: train seeds Python's random generator.)"""
     return exp_name or f"{arch}-{image_size}px-{now:%m%d-%H%M%S}"
 
@@ -242,21 +246,21 @@ class Comparison:
 
     production_version: str
     n_test: int  # the candidate's test images
-    n_shared: int  # of those, the ones production never saw
+    n_unseen: int  # of those, the ones production never trained or validated on
     candidate_correct: int
     production_correct: int
-    incomparable: str = ""  # why the two cannot be scored on the same images at all (then n_shared is 0)
+    incomparable: str = ""  # why the two cannot be scored on the same images at all (then n_unseen is 0)
 
     def describe(self) -> str:
         if self.incomparable:
             return self.incomparable
-        if not self.n_shared:
+        if not self.n_unseen:
             return (f"all {self.n_test} test images were in production version {self.production_version}'s "
                     "training data, so the two cannot be compared fairly")
-        return (f"on the {self.n_shared} of {self.n_test} test images that production version "
+        return (f"on the {self.n_unseen} of {self.n_test} test images that production version "
                 f"{self.production_version} never trained on, this version got {self.candidate_correct} right "
-                f"({self.candidate_correct / self.n_shared:.1%}), version {self.production_version} "
-                f"{self.production_correct} ({self.production_correct / self.n_shared:.1%})")
+                f"({self.candidate_correct / self.n_unseen:.1%}), version {self.production_version} "
+                f"{self.production_correct} ({self.production_correct / self.n_unseen:.1%})")
 
 
 def decide_production(accuracy: float, min_accuracy: float, comparison: Comparison | None) -> tuple[bool, str]:
@@ -268,7 +272,7 @@ def decide_production(accuracy: float, min_accuracy: float, comparison: Comparis
         return False, f"not promoted: {gate}" + (f"; {comparison.describe()}" if comparison else "")
     if comparison is None:
         return True, f"promoted: {gate}; first production version"
-    if not comparison.n_shared:
+    if not comparison.n_unseen:
         return False, f"not promoted: {comparison.describe()}"
     if comparison.candidate_correct < comparison.production_correct:
         return False, f"not promoted: {comparison.describe()}"
@@ -312,8 +316,11 @@ def register_and_promote(model_info: Any, name: str, run_id: str, accuracy: floa
     staging = accuracy >= min_accuracy
     try:
         client.create_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
-    except MlflowException:
-        client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        if not client.get_registered_model(name).description:  # never overwrite what people wrote
+            client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
     # model_id: a tracking server accepts a LoggedModel's models:/m-... source only with its id.
     version = client.create_model_version(name, model_info.model_uri, run_id=run_id, model_id=model_info.model_id,
                                           tags={**tags, "test_accuracy": repr(accuracy), "promotion": reason},
@@ -360,6 +367,7 @@ class RegisteredVersion:
     run_id: str
     test_accuracy: float | None
     description: str
+    tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def uri(self) -> str:
@@ -389,4 +397,4 @@ def resolve_version(model_uri: str) -> RegisteredVersion:
     accuracy = version.tags.get("test_accuracy")
     return RegisteredVersion(name=name, version=str(version.version), aliases=sorted(version.aliases or []),
                              run_id=version.run_id or "", description=version.description or "",
-                             test_accuracy=float(accuracy) if accuracy else None)
+                             test_accuracy=float(accuracy) if accuracy else None, tags=dict(version.tags or {}))

@@ -57,3 +57,24 @@ def test_argument_mistakes_are_one_line_and_load_no_heavy_package(args, message,
 def test_exp_flags_outside_a_project_is_a_clear_error(tmp_path):
     result = cli("exp-flags", "experiments/real-photos.yaml", cwd=tmp_path)
     assert result.returncode == 2 and "no Clean vs Messy project found" in result.stderr
+
+
+def test_stage_launcher_without_cleanmessy_gives_a_hint(tmp_path):
+    """`dvc repro` from a shell where cleanmessy is not installed (no active env, no .venv/):
+    src/stage.sh says how to set up, exit 127, instead of the shell's bare 'command not found'."""
+    from conftest import REPO
+
+    result = subprocess.run(["sh", str(REPO / "src" / "stage.sh"), "split"], cwd=tmp_path, capture_output=True,
+                            text=True, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 127
+    assert "cleanmessy is not installed here: run `make setup`, then `source .venv/bin/activate`" in result.stderr
+
+
+def test_ui_refuses_a_remote_tracking_server(tmp_path, monkeypatch):
+    """`cleanmessy ui` serves the project's own store; with MLFLOW_TRACKING_URI set it says to open
+    that server's UI instead."""
+    from conftest import REPO
+
+    result = subprocess.run([sys.executable, "-c", PROBE, "ui"], cwd=REPO, capture_output=True, text=True,
+                            env={**__import__("os").environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    assert result.returncode == 2 and "MLFLOW_TRACKING_URI is set (http://127.0.0.1:9): open that server's UI" in result.stderr

@@ -158,18 +158,16 @@ def test_saved_model_reloads_with_identical_predictions(tmp_path):
 
 
 def test_saved_model_is_byte_identical_across_processes(tmp_path):
-    """The same weights give the same model.keras in another process (no save time, no memory
-    addresses inside), so dvc.lock does not change when a fresh clone retrains the same model."""
+    """The same weights give the same model.keras in two fresh processes, as two `dvc repro` runs
+    are (no save time, no memory addresses inside), so dvc.lock does not change when a fresh clone
+    retrains the same model."""
     import hashlib
     import subprocess
     import sys
 
-    from cleanmessy.models import build_model, save_model
-    from cleanmessy.params import TrainParams
-
     code = ("import sys; from pathlib import Path; from cleanmessy.models import build_model, save_model; "
             "from cleanmessy.params import TrainParams; save_model(build_model(2, 32, TrainParams(), 1), Path(sys.argv[1]))")
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "other.keras")], check=True, capture_output=True)
-    save_model(build_model(2, 32, TrainParams(), 1), tmp_path / "here.keras")
-    digests = {hashlib.md5((tmp_path / n).read_bytes()).hexdigest() for n in ("other.keras", "here.keras")}
+    for name in ("first.keras", "second.keras"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True, capture_output=True)
+    digests = {hashlib.md5((tmp_path / n).read_bytes()).hexdigest() for n in ("first.keras", "second.keras")}
     assert len(digests) == 1

@@ -68,8 +68,8 @@ def register(root: Path, accuracy: float, min_accuracy: float = 0.8,
                                          "# Model card: m\n")
 
 
-def versus(production_version: str, candidate: int, production: int, n_shared: int = 20) -> tracking.Comparison:
-    return tracking.Comparison(production_version, n_test=30, n_shared=n_shared, candidate_correct=candidate,
+def versus(production_version: str, candidate: int, production: int, n_unseen: int = 20) -> tracking.Comparison:
+    return tracking.Comparison(production_version, n_test=30, n_unseen=n_unseen, candidate_correct=candidate,
                                production_correct=production)
 
 
@@ -159,7 +159,7 @@ def test_decide_production(accuracy, min_accuracy, comparison, promoted, words):
 def test_no_shared_test_image_never_promotes():
     """When production trained on every one of the candidate's test images, nothing is compared
     and nothing is promoted: the reason says why."""
-    ok, reason = tracking.decide_production(1.0, 0.8, versus("4", 0, 0, n_shared=0))
+    ok, reason = tracking.decide_production(1.0, 0.8, versus("4", 0, 0, n_unseen=0))
     assert not ok and "all 30 test images were in production version 4's training data" in reason
 
 
@@ -167,7 +167,7 @@ def test_incomparable_production_never_promotes_and_says_why():
     """A production version with other classes (or no record of its training images) cannot be
     scored on the same images: the candidate is registered but not promoted, with the reason."""
     why = "production version 2 tells ['a', 'b', 'c'] apart, this version ['clean', 'messy']: they cannot be compared"
-    comparison = tracking.Comparison("2", n_test=30, n_shared=0, candidate_correct=0, production_correct=0,
+    comparison = tracking.Comparison("2", n_test=30, n_unseen=0, candidate_correct=0, production_correct=0,
                                      incomparable=why)
     ok, reason = tracking.decide_production(0.95, 0.8, comparison)
     assert not ok and reason == f"not promoted: {why}"

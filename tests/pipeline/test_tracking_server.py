@@ -51,3 +51,18 @@ def test_pipeline_registers_and_serves_through_a_tracking_server(tracking_server
     out = tmp_path / "predictions.csv"
     run(["cleanmessy", "predict", str(photo), "--out", str(out)], project, MLFLOW_TRACKING_URI=url)
     assert out.read_text().splitlines()[0].startswith("path,label")
+
+
+def test_a_workspace_that_ran_locally_moves_to_the_server_with_force(tracking_server, tmp_path):
+    """After a local run DVC sees nothing to do, whatever MLFLOW_TRACKING_URI says; `dvc repro
+    --force` (as the README says) trains, evaluates and registers again, on the server."""
+    url, _ = tracking_server
+    project = copy_project(tmp_path / "project", params={"evaluate": {"model_name": "moved-to-server"}})
+    run(["dvc", "repro"], project)
+    assert "up to date" in run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url).stdout
+    run(["dvc", "repro", "--force"], project, MLFLOW_TRACKING_URI=url)
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    version = client.get_model_version_by_alias("moved-to-server", "production")
+    noted = json.loads((project / "pipeline/mlflow_run.json").read_text())
+    assert version.run_id == noted["run_id"] and noted["tracking_uri"] == url
+    assert client.get_run(noted["run_id"]).data.tags["registered_version"] == str(version.version)

@@ -14,12 +14,13 @@ from cleanmessy import tracking
 from cleanmessy.errors import UserError
 from cleanmessy.images import to_model_input
 from cleanmessy.models import PASSES_PER_STEP, photos_per_step  # (importing models registers its custom layers for loading)
+from cleanmessy.params import IngestParams
 
 log = logging.getLogger(__name__)
 
 # Models registered before evaluate recorded `min_side` were trained on data ingested with the
 # default ingest.min_side.
-DEFAULT_MIN_SIDE = 32
+DEFAULT_MIN_SIDE = IngestParams().min_side  # for models logged before min_side was recorded
 
 
 def explained_class(class_names: list[str]) -> int:
@@ -67,7 +68,7 @@ class ServedModel:
         served = cls(version, list(meta["class_names"]), int(meta["image_size"]), keras_model,
                      card.read_text() if card.is_file() else "", training_data=_training_data(meta),
                      min_side=_positive_int(meta.get("min_side")) or DEFAULT_MIN_SIDE,
-                     test_images=_positive_int(_version_tag(version, "test_images")))
+                     test_images=_positive_int(version.tags.get("test_images")))
         served._compile()
         return served
 
@@ -108,7 +109,7 @@ class ServedModel:
         return {"name": v.name, "version": v.version, "stages": v.aliases, "test_accuracy": v.test_accuracy,
                 "test_images": self.test_images, "run_id": v.run_id, "uri": v.uri, "class_names": self.class_names,
                 "image_size": self.image_size, "training_data": self.training_data, "min_side": self.min_side,
-                "promotion": v.description, "model_card": self.model_card}
+                "promotion": v.tags.get("promotion", ""), "model_card": self.model_card}
 
 
 def _positive_int(value) -> int | None:
@@ -130,12 +131,3 @@ def _training_data(meta: dict) -> dict | None:
             "classes": {str(c): int(n) for c, n in classes.items() if isinstance(n, int) and n >= 0}}
 
 
-def _version_tag(version: tracking.RegisteredVersion, key: str) -> str | None:
-    """A tag of the registered version (RegisteredVersion carries only test_accuracy)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return MlflowClient().get_model_version(version.name, version.version).tags.get(key)
-    except MlflowException:
-        return None

@@ -113,29 +113,36 @@ def compare_with_production(name: str, test_frame: pd.DataFrame, correct: np.nda
     production = tracking.alias_version(MlflowClient(), name, "production")
     if production is None:
         return None
-    comparison = dict(production_version=str(production.version), n_test=len(test_frame), n_shared=0,
+    comparison = dict(production_version=str(production.version), n_test=len(test_frame), n_unseen=0,
                       candidate_correct=0, production_correct=0)
     uri = f"models:/{name}/{production.version}"
-    meta = mlflow.models.Model.load(uri).metadata or {}
+    try:
+        meta = mlflow.models.Model.load(uri).metadata or {}
+    except (OSError, MlflowException) as exc:
+        meta = {"error": str(exc)}
     seen = tracking.training_images(production.run_id) if production.run_id else None
-    if seen is None:
+    if "error" in meta or "image_size" not in meta:
+        comparison["incomparable"] = (f"production version {production.version}'s model cannot be read here "
+                                      f"({meta.get('error', 'no image_size in its metadata')}), so the two cannot "
+                                      "be compared")
+    elif seen is None:
         comparison["incomparable"] = (f"production version {production.version} does not record its training "
                                       "images, so the two cannot be compared on the same images")
     elif list(meta.get("class_names", [])) != class_names:
         comparison["incomparable"] = (f"production version {production.version} tells {meta.get('class_names')} "
                                       f"apart, this version {class_names}: they cannot be compared")
     else:
-        shared = ~test_frame["sha256"].isin(seen).to_numpy()
-        comparison.update(n_shared=int(shared.sum()), candidate_correct=int(correct[shared].sum()))
-        if shared.any():
+        unseen = ~test_frame["sha256"].isin(seen).to_numpy()
+        comparison.update(n_unseen=int(unseen.sum()), candidate_correct=int(correct[unseen].sum()))
+        if unseen.any():
             try:
                 with contextlib.redirect_stdout(io.StringIO()):  # MLflow's Keras loader prints progress bars
                     other = mlflow.keras.load_model(uri)
             except (OSError, TypeError, ValueError, MlflowException) as exc:
-                return tracking.Comparison(**{**comparison, "n_shared": 0, "candidate_correct": 0, "incomparable": (
+                return tracking.Comparison(**{**comparison, "n_unseen": 0, "candidate_correct": 0, "incomparable": (
                     f"production version {production.version} cannot be loaded here ({exc}), so the two cannot "
                     "be compared")})
-            rows = test_frame[shared]
+            rows = test_frame[unseen]
             probs = predict_frame(other, rows, root, class_names, int(meta["image_size"]), batch_size)
             comparison["production_correct"] = int((probs.argmax(axis=1) == label_indices(rows, class_names)).sum())
     return tracking.Comparison(**comparison)
@@ -173,16 +180,17 @@ def main(paths: Paths, params: Params) -> None:
                                             {"class_names": run.class_names, "image_size": run.image_size,
                                              "min_side": params.ingest.min_side, "training_data": describe_data(report)},
                                             extra_files={"model_card.md": card})
+        run_tags = mlflow.get_run(run_id).data.tags  # only the lineage: not an earlier evaluate's results
         tags = {"class_names": ",".join(run.class_names), "min_accuracy": str(min_acc), "test_images": str(test["n"]),
-                "data_kind": data["kind"], **mlflow.get_run(run_id).data.tags}
-        tags = {k: v for k, v in tags.items() if not k.startswith("mlflow.")}
+                "data_kind": data["kind"], **{k: v for k, v in run_tags.items() if k in tracking.LINEAGE_TAGS}}
         promotion = tracking.register_and_promote(info, name, run_id, test["accuracy"], min_acc, comparison, tags, card)
         mlflow.set_tags({"registered_version": promotion.version, "promotion": promotion.reason})
     paths.metrics.write_text(json.dumps(headline(test), indent=2) + "\n")
     paths.evaluation.write_text(json.dumps({"test": test}, indent=2) + "\n")
     prediction_frame(test_frame, probs, run.class_names).to_csv(paths.predictions, index=False)
-    # No version number or run id here: the same model must give the same file (see Paths.registered).
-    paths.registered.write_text(json.dumps({"model": name, "model_md5": tracking.file_md5(paths.model)}) + "\n")
+    # Nothing run-specific here (no version, run id or model hash): the file only has to exist, so
+    # switching revisions (`dvc exp apply`) does not register the same model again (Paths.registered).
+    paths.registered.write_text(json.dumps({"registered_model": name}) + "\n")
     aliases = [a for a, on in (("staging", promotion.staging), ("production", promotion.production)) if on]
     log.info("evaluate: registered %s version %s (%s); %s", name, promotion.version,
              ", ".join(aliases) or "no alias", promotion.reason)

@@ -181,6 +181,5 @@ def main(paths: Paths, params: Params) -> None:
     with mlflow.start_run(run_id=run_id):
         for file in files:  # at the artifact root, where MLflow's run-compare view shows images side by side
             mlflow.log_artifact(str(file))
-    paths.figures_logged.write_text(json.dumps({"figures": sorted(figures), "model_md5": tracking.file_md5(paths.model)})
-                                    + "\n")  # the same for the same model (see Paths.registered)
+    paths.figures_logged.write_text(json.dumps({"figures": sorted(figures)}) + "\n")  # see Paths.registered
     log.info("plot: %d figures in %s, logged to run %s", len(figures), paths.plots, run_id)

@@ -172,8 +172,9 @@ def describe_run(p: TrainParams, data: dict, n_train: int, n_val: int, tags: dic
     """The run's description in the MLflow UI (markdown): what was trained on what, from where."""
     lines = [f"**{p.arch}** trained on {data['description']}: {n_train} training and {n_val} validation "
              f"images ({', '.join(f'{c} {n}' for c, n in data['classes'].items())} in all)."]
-    commit = tags["git_commit"][:7]
-    lines.append(f"Code: git `{commit}`" + (" with uncommitted changes." if tags["git_dirty"] == "true" else "."))
+    if tags["git_commit"] != "none":  # outside git there is nothing to say about the code's version
+        lines.append(f"Code: git `{tags['git_commit'][:7]}`"
+                     + (" with uncommitted changes." if tags["git_dirty"] == "true" else "."))
     if "dvc_exp_name" in tags:
         lines.append(f"DVC experiment `{tags['dvc_exp_name']}` (`dvc exp show` lists it).")
     return "\n\n".join(lines)
