@@ -146,11 +146,12 @@ def server(cmd: list[str] | str, cwd: Path, log: Path, ready_url: str, env: dict
 
 
 @contextlib.contextmanager
-def serving(project: Path, *args: str) -> Iterator[str]:
+def serving(project: Path, *args: str, **extra_env: str) -> Iterator[str]:
     """A real `cleanmessy serve` on a free loopback port; yields its URL, stops it after."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    with server(["cleanmessy", "serve", "--port", str(port), *args], project, project / f"serve-{port}.log", url):
+    with server(["cleanmessy", "serve", "--port", str(port), *args], project, project / f"serve-{port}.log", url,
+                env=tool_env(**extra_env)):
         yield url
 
 

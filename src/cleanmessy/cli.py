@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -11,12 +13,26 @@ from cleanmessy.console import filter_stderr, setup_logging
 from cleanmessy.errors import UserError
 from cleanmessy.images import DEFAULT_MAX_PIXELS
 
+log = logging.getLogger("cleanmessy.cli")
+
 # Quiet TensorFlow's C++ start-up chatter, and keep MLflow and Gradio from phoning home (their
 # telemetry); set before they are imported. The user's own environment wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's INFO lines are about MLflow, not the run
+# A tracking server that goes away mid-run: fail in about a minute, not after minutes of backoff.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `docker stop`, `kill`), raised like Ctrl-C so that MLflow marks the
+    run FAILED and nothing is registered."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
 
 STAGES = {
     "ingest": "read the source (params: ingest.*) into data/images and data/manifest.csv",
@@ -70,7 +86,10 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> None:
     from cleanmessy.serving.app import serve
 
-    serve(_model_uri(args), "0.0.0.0" if args.public else args.host, args.port, args.auth, args.max_pixels)
+    if args.auth:
+        log.warning("--auth shows the password to anyone who can run `ps` here; prefer CLEANMESSY_AUTH=user:password")
+    serve(_model_uri(args), "0.0.0.0" if args.public else args.host, args.port, args.auth, args.max_pixels,
+          args.upload_ttl)
 
 
 def _ui(args: argparse.Namespace) -> None:
@@ -123,8 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--public", action="store_true", help="bind 0.0.0.0: reachable from other machines")
     serve.add_argument("--port", type=int, default=7860)
-    serve.add_argument("--auth", help="user:password for a login page (or set CLEANMESSY_AUTH)")
+    serve.add_argument("--auth", help="user:password for a login page; better set CLEANMESSY_AUTH, which `ps` "
+                                      "does not show")
     serve.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest photo accepted, in pixels")
+    serve.add_argument("--upload-ttl", type=int, default=900, metavar="SECONDS",
+                       help="delete uploaded photos this long after they arrive (default 900)")
     serve.set_defaults(func=_serve)
 
     flags = sub.add_parser("exp-flags", help="print a params changes file as `dvc exp run -S` flags",
@@ -147,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    signal.signal(signal.SIGTERM, _terminate)
     if args.func not in (_exp_flags, _ui):  # every other command may load TensorFlow (ui execs mlflow)
         filter_stderr()
     try:
@@ -154,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"cleanmessy {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"cleanmessy {args.command}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"cleanmessy {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -65,7 +65,15 @@ def open_rgb(
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             # PIL's own guard (~89 MP) fires before our budget can be read from the header.
             raise ImageError("too_large", f"over the decoder's pixel limit ({exc})") from None
+        except OSError as exc:
+            if isinstance(source, Path) and not source.is_file():
+                raise  # missing or unreadable file: the caller reports it as such
+            raise ImageError("corrupt", f"cannot decode the header ({type(exc).__name__}: {exc})") from None
+        except Exception as exc:  # noqa: BLE001 - a decoder may raise anything on hostile bytes
+            # e.g. ValueError for a PNG text chunk that inflates past MAX_TEXT_CHUNK
+            raise ImageError("corrupt", f"cannot decode the header ({type(exc).__name__}: {exc})") from None
         fmt = img.format or "UNKNOWN"
+    mode = img.mode
     width, height = img.size
     if width * height > max_pixels:
         raise ImageError(
@@ -79,14 +87,21 @@ def open_rgb(
         img.load()
     except (OSError, SyntaxError, ValueError) as exc:  # PIL reports truncation as OSError
         raise ImageError("truncated", f"image data is truncated or corrupt ({exc})") from None
-    info = ImageInfo(width=width, height=height, format=fmt, mode=img.mode)
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Transparent areas become white (as a browser shows them), not black.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB"), info
+    except Exception as exc:  # noqa: BLE001 - as above: any decoder failure is this file's reason
+        raise ImageError("corrupt", f"cannot decode the pixels ({type(exc).__name__}: {exc})") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            # Transparent areas become white (as a browser shows them), not black.
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, rgba)
+        img = img.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - bad EXIF or palette data
+        raise ImageError("corrupt", f"cannot convert to RGB ({type(exc).__name__}: {exc})") from None
+    # The upright size (after the EXIF rotation): what a person sees and what the model gets.
+    info = ImageInfo(width=img.width, height=img.height, format=fmt, mode=mode)
+    return img, info
 
 
 def to_model_input(img: Image.Image, size: int) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,13 @@ class Params:
 
 
 def _check_values(p: Params) -> None:
+    for key, value in flatten(p).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"params.yaml: {key} must be a finite number, got {value}")
+    if p.base.seed < 0:
+        raise UserError(f"params.yaml: base.seed must be 0 or more, got {p.base.seed}")
+    if p.train.patience < 0:
+        raise UserError(f"params.yaml: train.patience must be 0 or more, got {p.train.patience}")
     s = p.split
     for key, value in (("val_fraction", s.val_fraction), ("test_fraction", s.test_fraction)):
         if not 0 <= value < 1:
@@ -224,11 +232,15 @@ def parse_params(raw: Any) -> Params:
 def load_params(path: Path) -> Params:
     """Read and validate params.yaml."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} not found") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {exc}") from None
+    if raw is None:  # the code's defaults are not the committed params: running on them would mislead
+        raise UserError(f"{path} is empty; restore it with `git checkout {path.name}`")
     return parse_params(raw)
 
 

@@ -78,3 +78,23 @@ def test_ui_refuses_a_remote_tracking_server(tmp_path, monkeypatch):
     result = subprocess.run([sys.executable, "-c", PROBE, "ui"], cwd=REPO, capture_output=True, text=True,
                             env={**__import__("os").environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
     assert result.returncode == 2 and "MLFLOW_TRACKING_URI is set (http://127.0.0.1:9): open that server's UI" in result.stderr
+
+
+def test_unreachable_tracking_server_fails_in_seconds_before_tensorflow(tmp_path):
+    """MLFLOW_TRACKING_URI naming a port where nobody listens: one line, exit 2, within seconds,
+    without loading TensorFlow (MLflow alone would retry for minutes, then print tracebacks)."""
+    import socket
+    import time
+
+    from conftest import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nobody listens there
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", PROBE, "train"], cwd=REPO, capture_output=True, text=True,
+                            env={**__import__("os").environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    assert time.monotonic() - started < 15
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"the MLflow tracking server at http://127.0.0.1:{port} does not answer" in result.stderr
+    assert "tensorflow" not in heavy_modules(result)

@@ -81,13 +81,14 @@ def test_palette_p(tmp_path):
 
 
 def test_exif_rotated_jpeg_is_transposed(tmp_path):
-    """A JPEG with EXIF orientation 6 comes back rotated: width and height swap."""
+    """A JPEG with EXIF orientation 6 comes back rotated: width and height swap, in the image and
+    in the size recorded (the manifest's width/height are the upright ones)."""
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 CW to display
     path = tmp_path / "r.jpg"
     noise((80, 40)).save(path, format="JPEG", exif=exif.tobytes())
     img, info = open_rgb(path)
-    assert (info.width, info.height, info.format) == (80, 40, "JPEG")
+    assert (info.width, info.height, info.format) == (40, 80, "JPEG")
     assert img.size == (40, 80)
 
 
@@ -184,3 +185,54 @@ def test_load_for_model_raises_image_error_on_garbage():
     """load_for_model refuses unusable input with ImageError."""
     with pytest.raises(ImageError):
         load_for_model(b"hello", 32)
+
+
+def test_png_text_chunk_bomb_is_this_files_reason():
+    """A valid PNG whose 2 KB zTXt chunk inflates to 2 MB: PIL raises ValueError (not
+    UnidentifiedImageError); it is the file's reason, never an exception out of open_rgb."""
+    import zlib
+
+    buf = io.BytesIO()
+    noise((40, 40)).save(buf, format="PNG")
+    png = buf.getvalue()
+    body = b"Comment\x00\x00" + zlib.compress(b"A" * 2_000_000, 9)
+    chunk = struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body) & 0xFFFFFFFF)
+    bomb = png[:33] + chunk + png[33:]  # after the IHDR chunk
+    assert len(bomb) < 10_000
+    with pytest.raises(ImageError) as error:
+        open_rgb(bomb)
+    assert error.value.reason in ("corrupt", "truncated")
+
+
+def test_fuzzed_png_and_jpeg_bytes_give_image_errors_only():
+    """Seeded random corruptions of real PNG and JPEG bytes (flipped bytes, cut tails, spliced
+    chunks): each decodes or raises ImageError with a reason; nothing else escapes, so one bad
+    file never stops ingest, predict or the app (they all decode through open_rgb)."""
+    import random
+
+    rng = random.Random(20261127)
+    originals = []
+    for fmt in ("PNG", "JPEG"):
+        buf = io.BytesIO()
+        noise((48, 36)).save(buf, format=fmt)
+        originals.append(buf.getvalue())
+    outcomes = {"decoded": 0}
+    for case in range(300):
+        data = bytearray(rng.choice(originals))
+        kind = case % 3
+        if kind == 0:
+            for _ in range(rng.randint(1, 12)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        elif kind == 1:
+            del data[rng.randrange(8, len(data)):]
+        else:
+            start = rng.randrange(8, len(data))
+            data[start:start] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+        try:
+            img, _ = open_rgb(bytes(data))
+            assert img.mode == "RGB"
+            outcomes["decoded"] += 1
+        except ImageError as exc:
+            assert exc.reason and str(exc), case
+            outcomes[exc.reason] = outcomes.get(exc.reason, 0) + 1
+    assert sum(outcomes.values()) == 300 and len(outcomes) >= 3, outcomes

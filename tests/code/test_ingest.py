@@ -64,8 +64,8 @@ def ingest_path(source: Path | str, tmp_path: Path, params: IngestParams = Inges
     """source_files + run_ingest as the stage does, into tmp_path/out/images."""
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
-    kind, files = source_files(str(source), sha256, tmp_path, work, tmp_path / "out" / "images")
-    result = run_ingest(files, params, tmp_path / "out" / "images", IMAGES_REL)
+    kind, files, empty = source_files(str(source), sha256, tmp_path, work, tmp_path / "out" / "images")
+    result = run_ingest(files, params, tmp_path / "out" / "images", IMAGES_REL, empty)
     return kind, result
 
 
@@ -461,3 +461,144 @@ def test_url_not_found(tmp_path, http_root):
     _, base = http_root
     with pytest.raises(UserError, match="could not download"):
         ingest_path(f"{base}/missing.zip", tmp_path, sha256="0" * 64)
+
+
+# ---------------------------------------------------------------- hostile sources (issue 10)
+
+
+def reasons(result) -> dict[str, str]:
+    return {r["source_path"]: r["reason"] for r in result.report["rejections"]}
+
+
+def files_under(folder: Path) -> set[str]:
+    return {p.as_posix() for p in folder.rglob("*")} if folder.exists() else set()
+
+
+@pytest.mark.parametrize("name", ["/evil.png", "/abs/x.png", "clean/../../evil.png", "../messy/x.png",
+                                  "C:/clean/x.png", "clean\\x.png", "clean//x.png", "./clean/x.png"])
+def test_unsafe_zip_entry_names_are_rejected_and_never_written(tmp_path, name):
+    """A zip entry whose name is absolute, climbs out, has a drive letter, a backslash or an empty
+    part is reported as unsafe_path; it never becomes a class and nothing is written outside."""
+    archive = tmp_path / "hostile.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for rel, data in two_classes(2).items():
+            z.writestr(rel, data)
+        z.writestr(name, png_bytes(99))
+    _, result = ingest_path(archive, tmp_path)
+    assert reasons(result)[name] == "unsafe_path"
+    assert result.report["classes"] == {"clean": 2, "messy": 2}
+    written = files_under(tmp_path / "out")
+    assert all(p.startswith((tmp_path / "out" / "images").as_posix()) for p in written)
+    assert not Path("/evil.png").exists()
+
+
+def test_zip_bomb_is_rejected_from_its_header_without_inflating(tmp_path):
+    """A 1 GiB entry of zeros compresses to ~1 MB: rejected as zip_bomb by its declared ratio,
+    before any inflation (the test would take gigabytes and many seconds otherwise)."""
+    import time
+
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        for rel, data in two_classes(2).items():
+            z.writestr(rel, data)
+        with z.open("messy/bomb.png", "w", force_zip64=True) as member:
+            block = bytes(1 << 20)
+            for _ in range(1024):
+                member.write(block)
+    assert archive.stat().st_size < 5 * 2**20
+    started = time.perf_counter()
+    _, result = ingest_path(archive, tmp_path)
+    assert reasons(result)["messy/bomb.png"] in ("zip_bomb", "file_too_large")
+    assert time.perf_counter() - started < 10
+    assert result.report["classes"] == {"clean": 2, "messy": 2}
+
+
+def test_zip_entry_over_the_file_limit_is_refused_unread(tmp_path, monkeypatch):
+    """An entry over the per-file limit is reported as file_too_large; the others are ingested."""
+    monkeypatch.setattr(ingest, "MAX_FILE_BYTES", 20_000)  # the 40x40 photos are ~5 KB, the 200x200 one ~120 KB
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
+        for rel, data in two_classes(2).items():
+            z.writestr(rel, data)
+        z.writestr("messy/huge.png", png_bytes(7, size=(200, 200)))
+    _, result = ingest_path(archive, tmp_path)
+    assert reasons(result)["messy/huge.png"] == "file_too_large"
+    assert result.report["classes"] == {"clean": 2, "messy": 2}
+
+
+def test_symlinks_in_a_folder_source_are_reported_not_followed(tmp_path):
+    """Links to a file outside the source, to /etc/passwd, to a folder outside and dangling ones
+    are each reported as `symlink` and never read."""
+    src = make_source(tmp_path / "src", two_classes(2))
+    outside = tmp_path / "outside"
+    make_source(outside, {"photo.png": png_bytes(500), "sub/other.png": png_bytes(501)})
+    (src / "clean" / "stolen.png").symlink_to(outside / "photo.png")
+    (src / "messy" / "passwd.png").symlink_to("/etc/passwd")
+    (src / "messy" / "dangling.png").symlink_to(tmp_path / "nothing-here.png")
+    (src / "clean" / "linked-folder").symlink_to(outside / "sub")
+    _, result = ingest_path(src, tmp_path)
+    got = reasons(result)
+    for name in ("clean/stolen.png", "messy/passwd.png", "messy/dangling.png", "clean/linked-folder"):
+        assert got[name] == "symlink", (name, got)
+    assert result.report["classes"] == {"clean": 2, "messy": 2}
+
+
+def test_macosx_folder_in_a_folder_source_is_skipped(tmp_path):
+    """__MACOSX/ (from unpacking a Mac zip) is skipped in folders as in zips: its copy of a photo
+    is not ingested, and the genuine photo is not reported as its duplicate."""
+    files = two_classes(2)
+    src = make_source(tmp_path / "src", {**files, "__MACOSX/clean/0.png": files["clean/0.png"]})
+    _, result = ingest_path(src, tmp_path)
+    assert result.report["rejected"] == 0 and result.report["classes"] == {"clean": 2, "messy": 2}
+
+
+def test_class_folders_differing_only_in_case_are_refused(tmp_path):
+    src = make_source(tmp_path / "src", {**two_classes(2), "Clean/9.png": png_bytes(77)})
+    with pytest.raises(UserError, match="class folders 'Clean' and 'clean' differ only in case"):
+        ingest_path(src, tmp_path)
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    """An empty messy/ is named in the error; an empty third folder is reported, not silent."""
+    src = make_source(tmp_path / "src", {f"clean/{i}.png": png_bytes(i) for i in range(2)})
+    (src / "messy").mkdir()
+    with pytest.raises(UserError, match=r"found only 'clean' \(messy/ empty\)"):
+        ingest_path(src, tmp_path)
+    (src / "messy" / "0.png").write_bytes(png_bytes(300))
+    (src / "other").mkdir()
+    _, result = ingest_path(src, tmp_path)
+    assert result.report["empty_folders"] == ["other"]
+
+
+def test_manifest_records_the_upright_size_of_an_exif_rotated_photo(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 40), "white").save(buf, format="JPEG", exif=exif.tobytes())
+    src = make_source(tmp_path / "src", {**two_classes(2), "clean/rotated.jpg": buf.getvalue()})
+    _, result = ingest_path(src, tmp_path)
+    row = result.manifest[result.manifest["source_path"] == "clean/rotated.jpg"].iloc[0]
+    assert (row["width"], row["height"]) == (40, 80)
+
+
+def test_png_text_bomb_is_rejected_and_the_rest_ingested(tmp_path):
+    """A valid PNG whose zTXt chunk inflates past PIL's limit is that file's reason; ingest goes
+    on and writes its report."""
+    import struct
+    import zlib
+
+    png = png_bytes(1)
+    body = b"Comment\x00\x00" + zlib.compress(b"A" * 2_000_000, 9)
+    chunk = struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body) & 0xFFFFFFFF)
+    src = make_source(tmp_path / "src", {**two_classes(2), "messy/text-bomb.png": png[:33] + chunk + png[33:]})
+    _, result = ingest_path(src, tmp_path)
+    assert reasons(result)["messy/text-bomb.png"] in ("corrupt", "truncated")
+
+
+def test_url_download_is_capped(tmp_path, http_root, monkeypatch):
+    """A download past the size cap stops with a one-line error, not a full disk."""
+    served, base = http_root
+    (served / "big.zip").write_bytes(bytes(3 << 20))
+    monkeypatch.setattr(ingest, "MAX_DOWNLOAD_BYTES", 1 << 20)
+    with pytest.raises(UserError, match="passed 1,048,576 bytes; stopped"):
+        ingest_path(f"{base}/big.zip", tmp_path, sha256="0" * 64)

@@ -206,3 +206,25 @@ def test_dvc_style_params_file_changes_one_line_per_set(tmp_path):
                                                   copy.read_text().splitlines(), lineterm="", n=0)
             if line[:1] in "+-" and not line.startswith(("---", "+++"))]
     assert diff == ["-  epochs: 40", "+  epochs: 30"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("base:\n  seed: -1\n", "base.seed must be 0 or more, got -1"),
+    ("train:\n  learning_rate: .nan\n", "train.learning_rate must be a finite number, got nan"),
+    ("train:\n  learning_rate: .inf\n", "train.learning_rate must be a finite number, got inf"),
+    ("train:\n  patience: -3\n", "train.patience must be 0 or more, got -3"),
+    ("", "is empty; restore it with `git checkout params.yaml`"),
+])
+def test_values_that_used_to_end_in_tracebacks_are_one_line_errors(tmp_path, text, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as error:
+        load_params(path)
+    assert message in str(error.value)
+
+
+def test_params_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes("base:\n  seed: 42  # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        load_params(path)

@@ -24,7 +24,7 @@ def test_real_photos_ingest_completely_and_untouched(tmp_path):
     """All 192 photos pass validation, labelled by folder, with the published hashes; the source
     is byte-identical afterwards (checked against its MANIFEST.sha256)."""
     (tmp_path / "work").mkdir()
-    kind, files = source_files(str(REAL_PHOTOS), "", tmp_path, tmp_path / "work", tmp_path / "images")
+    kind, files, _ = source_files(str(REAL_PHOTOS), "", tmp_path, tmp_path / "work", tmp_path / "images")
     result = run_ingest(files, IngestParams(), tmp_path / "images", "data/images")
     assert kind == "folder"
     assert result.report["classes"] == {"clean": 96, "messy": 96}
@@ -42,7 +42,7 @@ def test_real_photos_ingest_completely_and_untouched(tmp_path):
 def test_real_photos_split_is_stratified(tmp_path):
     """The default split of the real photos is stratified and keeps every class in every split."""
     (tmp_path / "work").mkdir()
-    _, files = source_files(str(REAL_PHOTOS), "", tmp_path, tmp_path / "work", tmp_path / "images")
+    _, files, _ = source_files(str(REAL_PHOTOS), "", tmp_path, tmp_path / "work", tmp_path / "images")
     manifest = run_ingest(files, IngestParams(), tmp_path / "images", "data/images").manifest
     frame = assign_splits(manifest, SplitParams(), seed=42)
     check_splits(frame)
@@ -69,7 +69,7 @@ def test_best_configuration_learns_the_real_photos(tmp_path, monkeypatch):
     monkeypatch.setenv("CLEANMESSY_KERAS_WEIGHTS", str(WEIGHTS))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     (tmp_path / "work").mkdir()
-    _, files = source_files(str(REAL_PHOTOS), "", tmp_path, tmp_path / "work", tmp_path / "images")
+    _, files, _ = source_files(str(REAL_PHOTOS), "", tmp_path, tmp_path / "work", tmp_path / "images")
     manifest = run_ingest(files, IngestParams(), tmp_path / "images", "images").manifest
     frame = assign_splits(manifest, SplitParams(), seed=42)
     _, params = load_changes(REPO / "experiments" / "real-photos.yaml", REPO / "params.yaml")

@@ -384,3 +384,32 @@ def _run_multi_view_experiment(project: Path, name: str, tmp_path: Path) -> None
     assert len(frame) == 4 and (frame["error"] == "").all()
     assert set(frame["label"]) <= {"clean", "messy"}
     assert np.allclose(frame[["clean", "messy"]].sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_sigterm_marks_the_run_failed_and_registers_nothing(tmp_path):
+    """A scheduler or `docker stop` sends SIGTERM: train stops with exit 143, its MLflow run is
+    FAILED (not RUNNING forever), and no model file is half-written."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import copy_project, tool_env
+
+    project = copy_project(tmp_path / "project", params={"train": {"epochs": 500, "patience": 500}})
+    run(["dvc", "repro", "split"], project)
+    process = subprocess.Popen(["cleanmessy", "train"], cwd=project, env=tool_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    mlflow_client = client(project)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        runs = mlflow_client.search_runs(["1"]) if (project / "mlruns" / "mlflow.db").exists() else []
+        if runs and mlflow_client.get_metric_history(runs[0].info.run_id, "train_loss"):
+            break  # training is under way
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 143, output
+    assert "cleanmessy train: terminated" in output and "Traceback" not in output
+    (mlflow_run,) = mlflow_client.search_runs(["1"])
+    assert mlflow_run.info.status == "FAILED"
+    assert not (project / "pipeline" / "model.keras").exists()

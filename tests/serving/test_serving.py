@@ -8,6 +8,7 @@ import os
 import shlex
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -429,3 +430,69 @@ def test_predict_a_folder_writes_every_photo_to_the_csv(tiny_project, photos, tm
     frame = pd.read_csv(out, keep_default_na=False)
     assert sorted(Path(p).name for p in frame["path"]) == ["clean.png", "messy.png"]
     assert (frame["error"] == "").all() and set(frame["label"]) <= {"clean", "messy"}
+
+
+def test_login_limiter_refuses_after_five_failures_then_forgives():
+    from cleanmessy.serving.app import LoginLimiter
+
+    now = [0.0]
+    check = LoginLimiter("alice", "s3cret", max_failures=5, window=60, clock=lambda: now[0])
+    assert check("alice", "s3cret")
+    for _ in range(5):
+        assert not check("alice", "guess")
+    assert not check("alice", "s3cret")  # locked: the right password too
+    assert check("bob", "s3cret") is False  # other users are not locked, and bob is not a user
+    now[0] = 61.0
+    assert check("alice", "s3cret")
+
+
+def test_guessing_the_password_is_stopped(tiny_project):
+    """30 wrong passwords against the real server, then the right one: refused (the limit holds);
+    the password given by CLEANMESSY_AUTH (not in `ps`) works for a fresh user session later."""
+    project, _ = tiny_project
+    with serving(project, CLEANMESSY_AUTH="alice:s3cret") as url:
+        def login(password: str) -> int:
+            data = urllib.parse.urlencode({"username": "alice", "password": password}).encode()
+            try:
+                with urllib.request.urlopen(urllib.request.Request(f"{url}login", data=data), timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert login("s3cret") == 200
+        codes = [login(f"guess{i}") for i in range(30)]
+        assert all(code >= 400 for code in codes)
+        assert login("s3cret") >= 400  # locked for a minute
+
+
+def test_uploads_are_deleted_after_the_ttl(tiny_project, photos, tmp_path):
+    """Every upload lands in Gradio's temp folder; with --upload-ttl they are deleted, so
+    anonymous users cannot fill the disk."""
+    import time
+
+    project, _ = tiny_project
+    temp = tmp_path / "gradio-tmp"
+    with serving(project, "--upload-ttl", "2", GRADIO_TEMP_DIR=str(temp)) as url:
+        examples = {p for p in temp.rglob("*") if p.is_file()}  # the app's own example photos stay
+        client = Client(url, verbose=False)
+        for name in ("messy", "clean", "rgba"):
+            client.predict(handle_file(str(photos[name])), api_name="/predict")
+        uploaded = [p for p in temp.rglob("*") if p.is_file() and p not in examples]
+        assert len(uploaded) >= 3  # the photos, and the heat maps made from them
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(p.exists() for p in uploaded):
+            time.sleep(1)
+        assert not [p for p in uploaded if p.exists()], [p.relative_to(temp) for p in uploaded if p.exists()]
+
+
+def test_decompression_bomb_upload_gets_the_apps_own_message(app, tmp_path):
+    """A 400-megapixel PNG of a few KB: the app's own one-line reason (too_large), not Gradio's
+    generic error naming the server's temp folder."""
+    project, url = app
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20_000, 20_000)).save(bomb, optimize=True)
+    assert bomb.stat().st_size < 200_000
+    with pytest.raises(Exception) as error:
+        Client(url, verbose=False).predict(handle_file(str(bomb)), api_name="/predict")
+    message = str(error.value)
+    assert "too_large" in message and "/tmp" not in message, message

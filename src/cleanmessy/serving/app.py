@@ -3,12 +3,17 @@ Grad-CAM heat map of what drove the "messy" score."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import hmac
 import io
 import logging
 import os
+import shutil
 import tempfile
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
@@ -134,7 +139,8 @@ def example_photos(folder: Path, per_class: int = 2) -> list[str]:
     return out
 
 
-def build_app(served: ServedModel, examples: list[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> gr.Blocks:
+def build_app(served: ServedModel, examples: list[str], max_pixels: int = DEFAULT_MAX_PIXELS,
+              delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
     info = served.info()
 
     def open_photo(photo_path: str) -> Image.Image:
@@ -188,7 +194,7 @@ def build_app(served: ServedModel, examples: list[str], max_pixels: int = DEFAUL
     def model_info() -> dict:
         return info
 
-    with gr.Blocks(title="Clean vs Messy") as demo:
+    with gr.Blocks(title="Clean vs Messy", delete_cache=delete_cache) as demo:
         gr.Markdown("# Clean vs Messy\nIs this room tidy or cluttered? Upload or paste a photo.")
         gr.Markdown(info_markdown(info), elem_id="model-info")
         if warning := data_warning(info):
@@ -225,6 +231,31 @@ def build_app(served: ServedModel, examples: list[str], max_pixels: int = DEFAUL
     return demo
 
 
+class LoginLimiter:
+    """Gradio's login check with a brake: after `max_failures` wrong passwords for a user within
+    `window` seconds, every login of that user is refused (the right password too) until the
+    window has passed. Guessing a password then takes days, not seconds."""
+
+    def __init__(self, user: str, password: str, max_failures: int = 5, window: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._user, self._password = user, password
+        self.max_failures, self.window, self._clock = max_failures, window, clock
+        self._failures: dict[str, list[float]] = {}
+
+    def __call__(self, user: str, password: str) -> bool:
+        now = self._clock()
+        recent = [t for t in self._failures.get(user, []) if now - t < self.window]
+        if len(recent) >= self.max_failures:
+            self._failures[user] = recent
+            log.warning("login refused for %r: %d wrong passwords in the last %.0f s", user, len(recent), self.window)
+            return False
+        if hmac.compare_digest(user.encode(), self._user.encode()) and \
+                hmac.compare_digest(password.encode(), self._password.encode()):
+            return True
+        self._failures[user] = [*recent, now]
+        return False
+
+
 def auth_from(value: str | None) -> tuple[str, str] | None:
     """`user:password` from --auth or CLEANMESSY_AUTH, for Gradio's basic login."""
     value = value or os.environ.get("CLEANMESSY_AUTH")
@@ -236,15 +267,18 @@ def auth_from(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def serve(model_uri: str, host: str, port: int, auth: str | None, max_pixels: int) -> None:
-    """Load the model once, warm it up, then serve until interrupted."""
+def serve(model_uri: str, host: str, port: int, auth: str | None, max_pixels: int, upload_ttl: int = 900) -> None:
+    """Load the model once, warm it up, then serve until interrupted. Uploads are deleted
+    `upload_ttl` seconds after they arrive, so anonymous users cannot fill the disk."""
     credentials = auth_from(auth)
     served = ServedModel.load(model_uri)
     examples_dir = Path(tempfile.mkdtemp(prefix="cleanmessy-examples-"))
-    demo = build_app(served, example_photos(examples_dir), max_pixels)
+    atexit.register(shutil.rmtree, examples_dir, ignore_errors=True)
+    demo = build_app(served, example_photos(examples_dir), max_pixels, delete_cache=(upload_ttl, upload_ttl))
     demo.queue(default_concurrency_limit=2)
     try:
-        demo.launch(server_name=host, server_port=port, share=False, auth=credentials, ssr_mode=False,
+        demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False,
+                    auth=LoginLimiter(*credentials) if credentials else None,
                     max_file_size=MAX_UPLOAD, allowed_paths=[str(examples_dir)], show_error=True,
                     quiet=True, enable_monitoring=False, css=CSS, prevent_thread_lock=True)
     except OSError:  # Gradio says "Cannot find empty port" for both causes

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +74,25 @@ def restrict_params(params: Params, keys: tuple[str, ...], stage: str) -> Params
     return dataclasses.replace(params, **changes)
 
 
+def check_tracking_server(uri: str | None, timeout: float = 5.0) -> None:
+    """Fail in seconds, before TensorFlow loads, when MLFLOW_TRACKING_URI names a server that
+    does not answer: MLflow itself retries with backoff for minutes, then prints tracebacks."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"the MLflow tracking server at {uri} does not answer ({reason}); start it, or unset "
+                        "MLFLOW_TRACKING_URI to use the project's own store") from None
+
+
 def run_stage(stage: str) -> None:
     """Run `cleanmessy <stage>` as dvc.yaml declares it. `cv` is no DVC stage: it sees everything."""
     paths = project_paths()
     params = load_params(paths.params)
+    check_tracking_server(os.environ.get("MLFLOW_TRACKING_URI"))
     module = importlib.import_module(f"cleanmessy.stages.{stage}")
     if stage != "cv":
         declared = declaration(paths.root / "dvc.yaml", stage, params)

@@ -8,15 +8,20 @@ Every file is validated; bad ones are reported with a reason and left out. The s
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import json
 import logging
+import os
+import re
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -37,6 +42,22 @@ MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height", "format", "ori
 FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
 
 Reader = Callable[[], bytes]
+
+# Limits on what a source may make ingest read into memory (a file is read whole to hash and
+# decode it). A room photo is a few MB; deflate squeezes photos by a few percent, bombs 1000x.
+MAX_FILE_BYTES = 100 * 2**20
+MAX_ZIP_RATIO = 100
+MAX_DOWNLOAD_BYTES = 20 * 2**30
+DOWNLOAD_SECONDS = 3600
+SKIPPED_FOLDERS = ("__MACOSX",)  # macOS archive metadata, in zips and in unpacked folders alike
+
+
+class Refused(Exception):
+    """A source entry that is reported with a reason and never read (unsafe name, link, bomb)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -59,6 +80,21 @@ class Rejected:
 
 
 # ---------------------------------------------------------------- pure core
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why an entry name (a path inside a zip or folder source) could point outside its class
+    folder, or None when it is a plain relative path. Such entries are rejected, never written."""
+    if "\\" in name:
+        return "backslash in the name"
+    if name.startswith("/"):
+        return "absolute path"
+    if re.match(r"^[A-Za-z]:", name):
+        return "drive letter"
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "empty, '.' or '..' part in the path"
+    return None
 
 
 def locate(rel: PurePosixPath) -> tuple[str, str] | None:
@@ -102,9 +138,21 @@ def deduplicate(accepted: list[Accepted]) -> tuple[list[Accepted], list[Rejected
     return kept, rejected
 
 
-def check_classes(kept: list[Accepted], rejected: list[Rejected]) -> None:
-    """At least two classes, and no class left without a usable image."""
-    seen = sorted({r.label for r in rejected} | {a.label for a in kept})
+def check_classes(kept: list[Accepted], rejected: list[Rejected], empty_folders: list[str] = ()) -> None:
+    """At least two classes, no class left without a usable image, no two class folders whose
+    names differ only in case (`Clean/` beside `clean/` would silently make three classes)."""
+    seen = sorted({r.label for r in rejected if r.label} | {a.label for a in kept})
+    by_folded: dict[str, list[str]] = {}
+    for label in seen:
+        by_folded.setdefault(label.casefold(), []).append(label)
+    clash = next((names for names in by_folded.values() if len(names) > 1), None)
+    if clash:
+        raise UserError(f"class folders {' and '.join(repr(n) for n in clash)} differ only in case; "
+                        "merge them into one folder")
+    for label in seen:
+        close = difflib.get_close_matches(label, [x for x in seen if x != label], n=1, cutoff=0.8)
+        if close and label < close[0]:
+            log.warning("class folders '%s' and '%s' have similar names: are they one class?", label, close[0])
     counts = Counter(a.label for a in kept)
     empty = [label for label in seen if counts[label] == 0]
     if empty:
@@ -112,8 +160,9 @@ def check_classes(kept: list[Accepted], rejected: list[Rejected]) -> None:
         raise UserError(f"class '{empty[0]}' has no usable image ({n_bad} rejected; see the reasons above)")
     if len(counts) < 2:
         found = f"only '{next(iter(counts))}'" if counts else "none"
+        empty_note = f" ({', '.join(f'{e}/' for e in empty_folders)} empty)" if empty_folders else ""
         raise UserError(
-            f"a source needs at least 2 class folders holding images, found {found}; "
+            f"a source needs at least 2 class folders holding images, found {found}{empty_note}; "
             "lay it out as <source>/<class>/<image> (e.g. clean/ and messy/)"
         )
 
@@ -135,28 +184,84 @@ def manifest_frame(kept: list[Accepted], images_rel: str) -> pd.DataFrame:
 # ---------------------------------------------------------------- sources (I/O edge)
 
 
-def _walk_folder(folder: Path) -> Iterator[tuple[PurePosixPath, Reader]]:
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        yield PurePosixPath(rel.as_posix()), path.read_bytes
+def _skipped(parts: Iterable[str]) -> bool:
+    return any(part.startswith(".") or part in SKIPPED_FOLDERS for part in parts)
 
 
-def _walk_zip(archive: zipfile.ZipFile) -> Iterator[tuple[PurePosixPath, Reader]]:
-    # Members are read in memory, never extracted: no path in the archive can write anywhere.
+def _refuse(reason: str, detail: str) -> Reader:
+    def read() -> bytes:
+        raise Refused(reason, detail)
+    return read
+
+
+def _file_reader(path: Path) -> Reader:
+    def read() -> bytes:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise Refused("file_too_large", f"{size:,} bytes, over the {MAX_FILE_BYTES:,}-byte limit for one photo")
+        return path.read_bytes()
+    return read
+
+
+def walk_folder(folder: Path) -> tuple[list[tuple[str, Reader]], list[str]]:
+    """The files of a folder source, and its folders that hold no file (for the report). Links
+    are never followed, in or out of the source: each one is a file refused with reason
+    `symlink` (a link could read /etc/passwd or a photo outside the source)."""
+    files: list[tuple[str, Reader]] = []
+    empty: list[str] = []
+    for here, dirs, names in os.walk(folder, followlinks=False):
+        rel_here = Path(here).relative_to(folder)
+        dirs[:] = sorted(d for d in dirs if not _skipped([d]))
+        for name in sorted(names) + [d for d in dirs if (Path(here) / d).is_symlink()]:
+            if _skipped([name]):
+                continue
+            path = Path(here) / name
+            rel = (rel_here / name).as_posix()
+            if path.is_symlink():
+                files.append((rel, _refuse("symlink", f"a link to {os.readlink(path)}; links are not followed")))
+            elif path.is_file():
+                files.append((rel, _file_reader(path)))
+        if rel_here.parts and not names and not dirs:
+            empty.append(rel_here.as_posix())
+    return files, empty
+
+
+def _zip_reader(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Reader:
+    """Read one member with its size checked first (declared size and compression ratio) and its
+    inflated bytes capped, so a bomb costs a header read, not gigabytes of memory."""
+    def read() -> bytes:
+        if info.file_size > MAX_FILE_BYTES:
+            raise Refused("file_too_large", f"inflates to {info.file_size:,} bytes, over the "
+                                            f"{MAX_FILE_BYTES:,}-byte limit for one photo")
+        if info.compress_size and info.file_size / info.compress_size > MAX_ZIP_RATIO:
+            raise Refused("zip_bomb", f"{info.compress_size:,} bytes inflate to {info.file_size:,} "
+                                      f"({info.file_size / info.compress_size:.0f}x; photos barely compress)")
+        try:
+            with archive.open(info) as member:
+                data = member.read(MAX_FILE_BYTES + 1)  # zipfile stops at the declared size
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+            raise Refused("unreadable_entry", f"cannot read it from the archive ({exc})") from None
+        if len(data) > MAX_FILE_BYTES:
+            raise Refused("file_too_large", f"inflates past the {MAX_FILE_BYTES:,}-byte limit for one photo")
+        return data
+    return read
+
+
+def _walk_zip(archive: zipfile.ZipFile) -> Iterator[tuple[str, Reader]]:
+    # Members are read in memory, never extracted. Their names are checked in run_ingest.
     for info in sorted(archive.infolist(), key=lambda i: i.filename):
-        rel = PurePosixPath(info.filename)
-        if info.is_dir() or any(p.startswith((".", "__MACOSX")) for p in rel.parts):
-            continue
-        yield rel, (lambda name=info.filename: archive.read(name))
+        if info.is_dir() or (not unsafe_name(info.filename) and _skipped(info.filename.split("/"))):
+            continue  # (an unsafe name such as ../x is reported, not skipped as "hidden")
+        yield info.filename, _zip_reader(archive, info)
 
 
-def _strip_common_root(files: list[tuple[PurePosixPath, Reader]]) -> list[tuple[PurePosixPath, Reader]]:
+def _strip_common_root(files: list[tuple[str, Reader]]) -> list[tuple[str, Reader]]:
     """A zip of `images/` holds `images/clean/...`: the single top folder is not a class."""
-    tops = {rel.parts[0] for rel, _ in files}
-    if len(tops) == 1 and all(len(rel.parts) > 1 for rel, _ in files) and any(len(rel.parts) > 2 for rel, _ in files):
-        return [(PurePosixPath(*rel.parts[1:]), read) for rel, read in files]
+    safe = [name.split("/") for name, _ in files if not unsafe_name(name)]
+    tops = {parts[0] for parts in safe}
+    if len(tops) == 1 and all(len(p) > 1 for p in safe) and any(len(p) > 2 for p in safe):
+        top = f"{next(iter(tops))}/"
+        return [(name.removeprefix(top) if not unsafe_name(name) else name, read) for name, read in files]
     return files
 
 
@@ -175,9 +280,15 @@ def download(url: str, sha256: str, dest: Path) -> None:
         raise UserError(f"ingest.source is a URL ({url}); set ingest.sha256 to the zip's sha256 so the "
                         "download can be checked")
     digest = hashlib.sha256()
+    deadline, size = time.monotonic() + DOWNLOAD_SECONDS, 0
     try:
         with urllib.request.urlopen(url, timeout=60) as response, dest.open("wb") as out:
             while chunk := response.read(1 << 20):
+                size += len(chunk)
+                if size > MAX_DOWNLOAD_BYTES:
+                    raise UserError(f"download of {url} passed {MAX_DOWNLOAD_BYTES:,} bytes; stopped")
+                if time.monotonic() > deadline:
+                    raise UserError(f"download of {url} took over {DOWNLOAD_SECONDS} s; stopped")
                 digest.update(chunk)
                 out.write(chunk)
     except (urllib.error.URLError, OSError, ValueError) as exc:
@@ -187,9 +298,10 @@ def download(url: str, sha256: str, dest: Path) -> None:
 
 
 def source_files(source: str, sha256: str, root: Path, workdir: Path,
-                 images_dir: Path | None = None) -> tuple[str, list[tuple[PurePosixPath, Reader]]]:
-    """`(kind, files)` for an `ingest.source` value; relative paths are relative to the project root.
-    A source that overlaps `images_dir` (ingest's output, replaced on every run) is refused."""
+                 images_dir: Path | None = None) -> tuple[str, list[tuple[str, Reader]], list[str]]:
+    """`(kind, files, empty folders)` for an `ingest.source` value; relative paths are relative to
+    the project root. A source that overlaps `images_dir` (ingest's output, replaced on every
+    run) is refused."""
     if source.startswith(("http://", "https://")):
         archive_path = workdir / "source.zip"
         log.info("downloading %s", source)
@@ -206,14 +318,14 @@ def source_files(source: str, sha256: str, root: Path, workdir: Path,
                                 "which every run replaces; point it at the original photos")
         if path.is_dir():
             if sample.is_recipe(path):
-                return "sample", list(_sample_files(path))
-            return "folder", list(_walk_folder(path))
+                return "sample", [(str(rel), read) for rel, read in _sample_files(path)], []
+            return "folder", *walk_folder(path)
         kind = "zip"
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError):
         raise UserError(f"ingest.source {source!r} is neither a folder nor a readable .zip") from None
-    return kind, _strip_common_root(list(_walk_zip(archive)))
+    return kind, _strip_common_root(list(_walk_zip(archive))), []
 
 
 # ---------------------------------------------------------------- stage
@@ -225,8 +337,8 @@ class IngestResult:
     report: dict
 
 
-def run_ingest(files: Iterable[tuple[PurePosixPath, Reader]], params: IngestParams,
-               images_dir: Path, images_rel: str) -> IngestResult:
+def run_ingest(files: Iterable[tuple[str | PurePosixPath, Reader]], params: IngestParams,
+               images_dir: Path, images_rel: str, empty_folders: list[str] = ()) -> IngestResult:
     """Validate `files`, copy the accepted ones into `images_dir`, and describe what happened."""
     files = list(files)
     accepted: list[Accepted] = []
@@ -234,26 +346,36 @@ def run_ingest(files: Iterable[tuple[PurePosixPath, Reader]], params: IngestPara
     skipped: list[str] = []
     readers: dict[str, Reader] = {}
     step = max(1, len(files) // 10)
-    for n, (rel, read) in enumerate(files, 1):
-        where = locate(rel)
-        if where is None:
-            skipped.append(str(rel))
+    for n, (name, read) in enumerate(files, 1):
+        name = str(name)
+        where = None if (problem := unsafe_name(name)) else locate(PurePosixPath(name))
+        if problem:
+            rejected.append(Rejected(name, "", "unsafe_path", f"{problem}: never written, not a class"))
+        elif where is None:
+            skipped.append(name)
         else:
-            outcome = inspect(str(rel), *where, read(), params)
+            try:
+                outcome = inspect(name, *where, read(), params)
+            except Refused as exc:
+                outcome = Rejected(name, where[0], exc.reason, str(exc))
             (accepted if isinstance(outcome, Accepted) else rejected).append(outcome)
-            readers[str(rel)] = read
+            readers[name] = read
         if n % step == 0 or n == len(files):
             log.info("ingest: checked %d/%d files (%d rejected)", n, len(files), len(rejected))
     kept, dupes = deduplicate(accepted)
     rejected += dupes
     for r in rejected:
         log.warning("left out %s: %s (%s)", r.source_path, r.reason, r.detail)
-    check_classes(kept, rejected)
+    for folder in empty_folders:
+        log.warning("folder %s/ of the source holds no file: ignored", folder)
+    check_classes(kept, rejected, empty_folders)
 
     if images_dir.exists():
         shutil.rmtree(images_dir)
     for a in kept:
         target = images_dir / stored_name(a)
+        if images_dir.resolve() not in target.resolve().parents:  # labels are single safe names; make sure
+            raise RuntimeError(f"refusing to write {target} outside {images_dir}")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(readers[a.source_path]())
     manifest = manifest_frame(kept, images_rel)
@@ -265,6 +387,7 @@ def run_ingest(files: Iterable[tuple[PurePosixPath, Reader]], params: IngestPara
         "original_splits": dict(sorted(Counter(a.original_split or "none" for a in kept).items())),
         "rejections": [asdict(r) for r in sorted(rejected, key=lambda r: r.source_path)],
         "skipped_outside_class_folders": skipped,
+        "empty_folders": list(empty_folders),
     }
     return IngestResult(manifest, report)
 
@@ -272,9 +395,9 @@ def run_ingest(files: Iterable[tuple[PurePosixPath, Reader]], params: IngestPara
 def main(paths: Paths, params: Params) -> None:
     p = params.ingest
     with tempfile.TemporaryDirectory() as tmp:
-        kind, files = source_files(p.source, p.sha256, paths.root, Path(tmp), paths.images)
+        kind, files, empty = source_files(p.source, p.sha256, paths.root, Path(tmp), paths.images)
         log.info("ingest: %d files from %s source %s", len(files), kind, p.source)
-        result = run_ingest(files, p, paths.images, paths.images.relative_to(paths.root).as_posix())
+        result = run_ingest(files, p, paths.images, paths.images.relative_to(paths.root).as_posix(), empty)
     paths.manifest.parent.mkdir(parents=True, exist_ok=True)
     result.manifest.to_csv(paths.manifest, index=False)
     report = {"source": p.source, "source_kind": kind, **result.report}
