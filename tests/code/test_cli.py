@@ -98,3 +98,27 @@ def test_unreachable_tracking_server_fails_in_seconds_before_tensorflow(tmp_path
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"the MLflow tracking server at http://127.0.0.1:{port} does not answer" in result.stderr
     assert "tensorflow" not in heavy_modules(result)
+
+
+def test_read_only_local_store_is_one_line(tmp_path):
+    """mlruns/mlflow.db that cannot be written (here made immutable with chattr, which stops root
+    too): train says so in one line before loading TensorFlow, instead of MLflow's traceback."""
+    import shutil
+    import sqlite3
+
+    from conftest import copy_project
+
+    if not shutil.which("chattr"):
+        pytest.skip("chattr (e2fsprogs) is not installed")
+    project = copy_project(tmp_path / "project")
+    db = project / "mlruns" / "mlflow.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE t (x INTEGER)")
+    subprocess.run(["chattr", "+i", str(db)], check=True)
+    try:
+        result = subprocess.run([sys.executable, "-c", PROBE, "train"], cwd=project, capture_output=True, text=True)
+    finally:
+        subprocess.run(["chattr", "-i", str(db)], check=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"the MLflow store {db} cannot be written (attempt to write a readonly database)" in result.stderr
+    assert "tensorflow" not in heavy_modules(result)

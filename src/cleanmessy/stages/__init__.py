@@ -7,9 +7,12 @@ DVC's cache; the pipeline tests run every stage through here and would fail on s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
+import sqlite3
+import uuid
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -88,11 +91,33 @@ def check_tracking_server(uri: str | None, timeout: float = 5.0) -> None:
                         "MLFLOW_TRACKING_URI to use the project's own store") from None
 
 
+def check_local_store(db: Path) -> None:
+    """Fail at once, with one line, when the project's SQLite store exists but cannot be
+    written (a read-only file or mount): MLflow would fail mid-run with a long traceback. The
+    probe writes inside a transaction that is rolled back."""
+    if not db.is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(db, timeout=10)) as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute(f"CREATE TABLE cleanmessy_probe_{uuid.uuid4().hex} (x INTEGER)")
+            connection.rollback()
+    except sqlite3.OperationalError as exc:
+        raise UserError(f"the MLflow store {db} cannot be written ({exc}); make it writable, or set "
+                        "MLFLOW_TRACKING_URI to another store") from None
+
+
+TRACKING_STAGES = ("train", "evaluate", "plot", "cv")  # the stages that write to the MLflow store
+
+
 def run_stage(stage: str) -> None:
     """Run `cleanmessy <stage>` as dvc.yaml declares it. `cv` is no DVC stage: it sees everything."""
     paths = project_paths()
     params = load_params(paths.params)
-    check_tracking_server(os.environ.get("MLFLOW_TRACKING_URI"))
+    if stage in TRACKING_STAGES:  # before TensorFlow loads: fail in seconds, with one line
+        check_tracking_server(os.environ.get("MLFLOW_TRACKING_URI"))
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            check_local_store(paths.mlruns / "mlflow.db")
     module = importlib.import_module(f"cleanmessy.stages.{stage}")
     if stage != "cv":
         declared = declaration(paths.root / "dvc.yaml", stage, params)
