@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # Models registered before evaluate recorded `min_side` were trained on data ingested with the
 # default ingest.min_side.
-DEFAULT_MIN_SIDE = IngestParams().min_side  # for models logged before min_side was recorded
+DEFAULT_MIN_SIDE = IngestParams().min_side
 
 
 def explained_class(class_names: list[str]) -> int:

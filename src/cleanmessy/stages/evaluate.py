@@ -11,6 +11,7 @@ from typing import Any
 
 import keras
 import mlflow
+import mlflow.artifacts
 import mlflow.keras
 import mlflow.models
 import numpy as np
@@ -116,8 +117,9 @@ def compare_with_production(name: str, test_frame: pd.DataFrame, correct: np.nda
     comparison = dict(production_version=str(production.version), n_test=len(test_frame), n_unseen=0,
                       candidate_correct=0, production_correct=0)
     uri = f"models:/{name}/{production.version}"
-    try:
-        meta = mlflow.models.Model.load(uri).metadata or {}
+    try:  # downloaded once: its metadata here, its model below
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        meta = mlflow.models.Model.load(local).metadata or {}
     except (OSError, MlflowException) as exc:
         meta = {"error": str(exc)}
     seen = tracking.training_images(production.run_id) if production.run_id else None
@@ -137,7 +139,7 @@ def compare_with_production(name: str, test_frame: pd.DataFrame, correct: np.nda
         if unseen.any():
             try:
                 with contextlib.redirect_stdout(io.StringIO()):  # MLflow's Keras loader prints progress bars
-                    other = mlflow.keras.load_model(uri)
+                    other = mlflow.keras.load_model(local)
             except (OSError, TypeError, ValueError, MlflowException) as exc:
                 return tracking.Comparison(**{**comparison, "n_unseen": 0, "candidate_correct": 0, "incomparable": (
                     f"production version {production.version} cannot be loaded here ({exc}), so the two cannot "
@@ -153,7 +155,8 @@ def main(paths: Paths, params: Params) -> None:
     test_frame = read_split(paths.split_csv("test"))
     name, min_acc = params.evaluate.model_name, params.evaluate.min_accuracy
     report = json.loads(paths.ingest_report.read_text())
-    data = {**describe_data(report), "source": report["source"], "manifest_sha256": manifest_hash(paths.manifest),
+    training_data = describe_data(report)
+    data = {**training_data, "source": report["source"], "manifest_sha256": manifest_hash(paths.manifest),
             "split_sizes": {s: len(read_split(paths.split_csv(s))) for s in ("train", "val", "test")}}
     experiment_id = tracking.setup(paths)
     run_id = tracking.training_run_id(paths, experiment_id)
@@ -178,7 +181,7 @@ def main(paths: Paths, params: Params) -> None:
         with contextlib.redirect_stdout(io.StringIO()):  # MLflow's signature check prints progress bars
             info = tracking.log_keras_model(model, example, model.predict(example, verbose=0),
                                             {"class_names": run.class_names, "image_size": run.image_size,
-                                             "min_side": params.ingest.min_side, "training_data": describe_data(report)},
+                                             "min_side": params.ingest.min_side, "training_data": training_data},
                                             extra_files={"model_card.md": card})
         run_tags = mlflow.get_run(run_id).data.tags  # only the lineage: not an earlier evaluate's results
         tags = {"class_names": ",".join(run.class_names), "min_accuracy": str(min_acc), "test_images": str(test["n"]),
