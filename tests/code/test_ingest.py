@@ -527,20 +527,28 @@ def test_zip_entry_over_the_file_limit_is_refused_unread(tmp_path, monkeypatch):
 
 
 def test_symlinks_in_a_folder_source_are_reported_not_followed(tmp_path):
-    """Links to a file outside the source, to /etc/passwd, to a folder outside and dangling ones
-    are each reported as `symlink` and never read."""
+    """Links to a file outside the source, to /etc/passwd and to a folder outside are each
+    reported as `symlink` and never read."""
     src = make_source(tmp_path / "src", two_classes(2))
     outside = tmp_path / "outside"
     make_source(outside, {"photo.png": png_bytes(500), "sub/other.png": png_bytes(501)})
     (src / "clean" / "stolen.png").symlink_to(outside / "photo.png")
     (src / "messy" / "passwd.png").symlink_to("/etc/passwd")
-    (src / "messy" / "dangling.png").symlink_to(tmp_path / "nothing-here.png")
     (src / "clean" / "linked-folder").symlink_to(outside / "sub")
     _, result = ingest_path(src, tmp_path)
     got = reasons(result)
-    for name in ("clean/stolen.png", "messy/passwd.png", "messy/dangling.png", "clean/linked-folder"):
+    for name in ("clean/stolen.png", "messy/passwd.png", "clean/linked-folder"):
         assert got[name] == "symlink", (name, got)
     assert result.report["classes"] == {"clean": 2, "messy": 2}
+
+
+def test_broken_link_in_a_folder_source_is_refused_as_dvc_refuses_it(tmp_path):
+    """DVC cannot hash a source holding a link to nothing, so ingest refuses it too (one rule):
+    one line naming the link, and nothing written."""
+    src = make_source(tmp_path / "src", two_classes(2))
+    (src / "messy" / "dangling.png").symlink_to(tmp_path / "nothing-here.png")
+    with pytest.raises(UserError, match=r"messy/dangling.png is a broken link .*nothing-here.png.*remove the link"):
+        ingest_path(src, tmp_path)
 
 
 def test_macosx_folder_in_a_folder_source_is_skipped(tmp_path):

@@ -386,30 +386,67 @@ def _run_multi_view_experiment(project: Path, name: str, tmp_path: Path) -> None
     assert np.allclose(frame[["clean", "messy"]].sum(axis=1), 1.0, atol=1e-4)
 
 
-def test_sigterm_marks_the_run_failed_and_registers_nothing(tmp_path):
+def test_sigterm_marks_the_run_failed_and_the_previous_model_is_evaluated(tmp_path):
     """A scheduler or `docker stop` sends SIGTERM: train stops with exit 143, its MLflow run is
-    FAILED (not RUNNING forever), and no model file is half-written."""
+    FAILED (not RUNNING forever), and the previous model file is untouched (written to a temporary
+    name and renamed). The next `evaluate` evaluates that model and logs into the run that trained
+    it, never into the failed run."""
     import signal
     import subprocess
     import time
 
     from conftest import copy_project, tool_env
 
-    project = copy_project(tmp_path / "project", params={"train": {"epochs": 500, "patience": 500}})
-    run(["dvc", "repro", "split"], project)
+    project = copy_project(tmp_path / "project")
+    run(["dvc", "repro", "train"], project)
+    model = project / "pipeline" / "model.keras"
+    model_md5 = hashlib.md5(model.read_bytes()).hexdigest()
+    mlflow_client = client(project)
+    (trained,) = mlflow_client.search_runs(["1"])
+
+    set_params(project, {"train": {"epochs": 500, "patience": 500}})
     process = subprocess.Popen(["cleanmessy", "train"], cwd=project, env=tool_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
-    mlflow_client = client(project)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        runs = mlflow_client.search_runs(["1"]) if (project / "mlruns" / "mlflow.db").exists() else []
+        runs = [r for r in mlflow_client.search_runs(["1"]) if r.info.run_id != trained.info.run_id]
         if runs and mlflow_client.get_metric_history(runs[0].info.run_id, "train_loss"):
-            break  # training is under way
+            break  # the second training is under way
         time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 143, output
     assert "cleanmessy train: terminated" in output and "Traceback" not in output
-    (mlflow_run,) = mlflow_client.search_runs(["1"])
-    assert mlflow_run.info.status == "FAILED"
-    assert not (project / "pipeline" / "model.keras").exists()
+    (failed,) = [r for r in mlflow_client.search_runs(["1"]) if r.info.run_id != trained.info.run_id]
+    assert failed.info.status == "FAILED"
+    assert hashlib.md5(model.read_bytes()).hexdigest() == model_md5
+
+    run(["cleanmessy", "evaluate"], project)
+    assert "test_accuracy" in mlflow_client.get_run(trained.info.run_id).data.metrics
+    assert "test_accuracy" not in mlflow_client.get_run(failed.info.run_id).data.metrics
+    assert not mlflow_client.search_model_versions(f"run_id='{failed.info.run_id}'")
+
+
+def test_broken_link_in_the_source_is_refused_by_dvc_and_by_ingest_alike(tmp_path):
+    """One rule for DVC and ingest: a folder source holding a link to nothing is refused. `dvc
+    repro` fails while hashing the source (its own one line naming the link, before ingest
+    runs); `cleanmessy ingest` run directly says the same and what to do. Nothing is written."""
+    from conftest import copy_project
+
+    project = copy_project(tmp_path / "project", params={"ingest": {"source": "photos"}})
+    for i, label in enumerate(["clean", "clean", "messy", "messy"]):
+        (project / "photos" / label).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 64), (40 * i, 90, 160)).save(project / "photos" / label / f"{i}.png")
+    (project / "photos/messy/dangling.png").symlink_to(tmp_path / "moved-away.png")
+
+    repro = run(["dvc", "repro", "ingest"], project, check=False)
+    assert repro.returncode != 0
+    assert "No such file or directory" in repro.stderr and "photos/messy/dangling.png" in repro.stderr
+    assert "Traceback" not in repro.stderr + repro.stdout
+    direct = run(["cleanmessy", "ingest"], project, check=False)
+    assert direct.returncode == 2
+    assert direct.stderr.strip().splitlines()[-1].endswith(
+        "photos/messy/dangling.png is a broken link (to " + str(tmp_path / "moved-away.png")
+        + "); DVC cannot hash a source that holds one: remove the link or restore what it points to")
+    assert "Traceback" not in direct.stderr
+    assert not (project / "data/images").exists() and not (project / "data/manifest.csv").exists()

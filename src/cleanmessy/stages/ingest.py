@@ -206,7 +206,9 @@ def _file_reader(path: Path) -> Reader:
 def walk_folder(folder: Path) -> tuple[list[tuple[str, Reader]], list[str]]:
     """The files of a folder source, and its folders that hold no file (for the report). Links
     are never followed, in or out of the source: each one is a file refused with reason
-    `symlink` (a link could read /etc/passwd or a photo outside the source)."""
+    `symlink` (a link could read /etc/passwd or a photo outside the source). A broken link stops
+    ingest, as it stops DVC, which hashes the source before ingest runs and cannot hash a link to
+    nothing: both refuse the same source, with one line naming the link."""
     files: list[tuple[str, Reader]] = []
     empty: list[str] = []
     for here, dirs, names in os.walk(folder, followlinks=False):
@@ -217,6 +219,9 @@ def walk_folder(folder: Path) -> tuple[list[tuple[str, Reader]], list[str]]:
                 continue
             path = Path(here) / name
             rel = (rel_here / name).as_posix()
+            if path.is_symlink() and not path.exists():
+                raise UserError(f"{path} is a broken link (to {os.readlink(path)}); DVC cannot hash a source "
+                                "that holds one: remove the link or restore what it points to")
             if path.is_symlink():
                 files.append((rel, _refuse("symlink", f"a link to {os.readlink(path)}; links are not followed")))
             elif path.is_file():
