@@ -6,10 +6,8 @@
 SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
-export DVC_NO_ANALYTICS := 1
-export MLFLOW_DISABLE_TELEMETRY := true
-export GRADIO_ANALYTICS_ENABLED := False
-export TF_CPP_MIN_LOG_LEVEL := 2
+# No telemetry or start-up chatter settings here: `cleanmessy` sets them for itself and the tools
+# it starts (console.QUIET_ENVIRONMENT), and DVC's analytics are off in .dvc/config.
 
 .PHONY: setup browser run test ui serve real clean-outputs
 
@@ -31,7 +29,9 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
 	else echo "no apt-get: install Chromium at /usr/bin/chromium for the browser test"; fi
 
+# The linter first (ruff, configured in pyproject.toml), then the whole suite.
 test: setup browser
+	$(RUN) ruff check src tests bench
 	$(RUN) pytest
 
 # The Gradio app for the model at the `production` stage: http://127.0.0.1:7860 (SERVE_PORT)

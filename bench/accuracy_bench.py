@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from cleanmessy.console import QUIET_ENVIRONMENT
 from cleanmessy.params import with_changes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,10 +71,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="accuracy-bench-"))
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy2(ROOT / name, work / name)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "TF_CPP_MIN_LOG_LEVEL": "2", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**QUIET_ENVIRONMENT, **os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    base_params = with_changes(yaml.safe_load((ROOT / "params.yaml").read_text()), {"ingest": {"source": str(source)}, "cv": {"folds": args.folds, "repeats": args.repeats}})
+    changes = {"ingest": {"source": str(source)}, "cv": {"folds": args.folds, "repeats": args.repeats}}
+    base_params = with_changes(yaml.safe_load((ROOT / "params.yaml").read_text()), changes)
     (work / "params.yaml").write_text(yaml.safe_dump(base_params, sort_keys=False))
     status, _, _ = run_measured(["cleanmessy", "ingest"], work, env)
     if status:
@@ -93,11 +94,13 @@ def main() -> None:
 
     seed = next((r for r in rows if r["config"].startswith("seed_cnn")), None)
     print(f"\n{args.folds}-fold x {args.repeats} CV on {rows[0]['n_images']} photos, {os.cpu_count()} CPUs")
-    print(f"{'config':24} {'accuracy':>9} {'95% interval':>16} {'train s/fold':>13} {'peak MiB':>9} {'infer img/s':>12}")
+    print(f"{'config':24} {'accuracy':>9} {'95% interval':>16} {'train s/fold':>13} {'peak MiB':>9} "
+          f"{'infer img/s':>12}")
     for r in rows:
         if seed:
             r["train_speedup_vs_seed_cnn"] = seed["train_seconds_mean"] / r["train_seconds_mean"]
-        print(f"{r['config']:24} {r['accuracy_mean']:9.4f} [{r['accuracy_ci95_low']:.3f}, {r['accuracy_ci95_high']:.3f}] "
+        print(f"{r['config']:24} {r['accuracy_mean']:9.4f} "
+              f"[{r['accuracy_ci95_low']:.3f}, {r['accuracy_ci95_high']:.3f}] "
               f"{r['train_seconds_mean']:13.1f} {r['peak_rss_mib']:9.0f} {r['infer_images_per_s']:12.0f}")
     out = args.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import RepeatedStratifiedKFold
 
+from cleanmessy.crossval import summarize
 from cleanmessy.images import load_for_model
 from cleanmessy.layers import RegionPool, view_boxes
 from cleanmessy.models import build_model
 from cleanmessy.params import parse_params
-from cleanmessy.stages.cv import summarize
-from cleanmessy.stages.train import fit_logistic
+from cleanmessy.training import fit_logistic
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMES = {  # name: (regions, normalize)
@@ -110,16 +110,19 @@ def main() -> None:
         views = tf.cast(tf.round(tf.concat([views, tf.reverse(views, [2])], 0)), tf.uint8)
         crops.append(features.predict(views, verbose=0)[:, 0])
     crop_seconds = (time.perf_counter() - started) / len(files)
-    rows.append({"scheme": "28 crops of the 299 px photo through the backbone", "backbone_seconds_per_photo": crop_seconds,
+    rows.append({"scheme": "28 crops of the 299 px photo through the backbone",
+                 "backbone_seconds_per_photo": crop_seconds,
                  **cross_validate(np.stack(crops), labels, args.repeats)})
 
     print(f"5-fold x {args.repeats} CV, logistic head, {len(files)} photos")
     print(f"{'scheme':52} {'accuracy':>9} {'95% interval':>16} {'repeat sd':>10} {'backbone s/photo':>17}")
     for r in rows:
-        print(f"{r['scheme']:52} {r['accuracy_mean']:9.4f} [{r['accuracy_ci95_low']:.3f}, {r['accuracy_ci95_high']:.3f}] "
+        print(f"{r['scheme']:52} {r['accuracy_mean']:9.4f} "
+              f"[{r['accuracy_ci95_low']:.3f}, {r['accuracy_ci95_high']:.3f}] "
               f"{r['repeat_sd']:10.4f} {r['backbone_seconds_per_photo']:17.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"repeats": args.repeats, "source": str(args.source), "rows": rows}, indent=2) + "\n")
+    report = {"repeats": args.repeats, "source": str(args.source), "rows": rows}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -39,12 +39,15 @@ TESTED = {
     "cleanmessy cv": (PIPELINE, '["cleanmessy", "cv"]'),
     "make serve": (FRESH, 'f"make serve SERVE_PORT='),
     "cleanmessy serve --stage staging": (SERVING, 'serving(project, "--stage", "staging")'),
-    "cleanmessy predict photos/ --out predictions.csv": (SERVING, '["cleanmessy", "predict", str(folder), "--out", str(out)]'),
+    "cleanmessy predict photos/ --out predictions.csv":
+        (SERVING, '["cleanmessy", "predict", str(folder), "--out", str(out)]'),
     "mlflow server --backend-store-uri sqlite:///mlflow-server/mlflow.db --artifacts-destination "
     "mlflow-server/artifacts --host 127.0.0.1 --port 5000":
         (SERVER, '"server", "--backend-store-uri", "sqlite:///mlflow-server/mlflow.db",\n'
-                 '               "--artifacts-destination", "mlflow-server/artifacts", "--host", "127.0.0.1", "--port"'),
-    "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 dvc repro": (SERVER, 'run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url)'),
+                 '               "--artifacts-destination", "mlflow-server/artifacts", "--host", "127.0.0.1", '
+                 '"--port"'),
+    "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 dvc repro":
+        (SERVER, 'run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url)'),
 }
 
 

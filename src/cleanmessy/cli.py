@@ -9,21 +9,13 @@ import signal
 import sys
 from pathlib import Path
 
-from cleanmessy.console import filter_stderr, setup_logging
+from cleanmessy.console import filter_stderr, quiet_environment, setup_logging
 from cleanmessy.errors import UserError
 from cleanmessy.images import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("cleanmessy.cli")
 
-# Quiet TensorFlow's C++ start-up chatter, and keep MLflow and Gradio from phoning home (their
-# telemetry); set before they are imported. The user's own environment wins.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's INFO lines are about MLflow, not the run
-# A tracking server that goes away mid-run: fail in about a minute, not after minutes of backoff.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+quiet_environment()  # before TensorFlow, MLflow or Gradio is imported
 
 
 class Terminated(KeyboardInterrupt):
@@ -34,13 +26,13 @@ class Terminated(KeyboardInterrupt):
 def _terminate(signum: int, frame: object) -> None:
     raise Terminated()
 
+# The pipeline's stages, as dvc.yaml runs them (`cleanmessy <stage>`).
 STAGES = {
     "ingest": "read the source (params: ingest.*) into data/images and data/manifest.csv",
     "split": "stratified train/val/test split into data/splits/",
     "train": "train the classifier (params: train.*), tracked in MLflow",
     "evaluate": "test metrics, log and register the model, promote by alias",
     "plot": "figures into pipeline/plots/, logged to the MLflow run",
-    "cv": "repeated stratified k-fold cross-validation of train.* (params: cv.*) into pipeline/cv.json",
 }
 
 
@@ -48,6 +40,19 @@ def _run_stage(args: argparse.Namespace) -> None:
     from cleanmessy.stages import run_stage
 
     run_stage(args.command)
+
+
+def _cv(args: argparse.Namespace) -> None:
+    from cleanmessy.params import load_params
+    from cleanmessy.project import project_paths
+    from cleanmessy.stages import check_store
+
+    paths = project_paths()
+    params = load_params(paths.params)
+    check_store(paths)  # before TensorFlow loads
+    from cleanmessy import crossval
+
+    crossval.main(paths, params)
 
 
 def _exp_flags(args: argparse.Namespace) -> None:
@@ -58,14 +63,15 @@ def _exp_flags(args: argparse.Namespace) -> None:
     print(" ".join(exp_flags(changes)))
 
 
-def _model_uri(args: argparse.Namespace) -> str:
-    """`--model-uri` as given, else the registered model at `--stage` (`models:/name@stage`); the
-    name is --model-name, else the project's evaluate.model_name, else the default."""
+def _connect_and_choose_model(args: argparse.Namespace) -> str:
+    """Connect MLflow to the configured store and return the model to load: `--model-uri` as
+    given, else the registered model at `--stage` (`models:/name@stage`), named --model-name, else
+    the project's evaluate.model_name, else the default."""
     from cleanmessy import tracking
     from cleanmessy.params import EvaluateParams, load_params
     from cleanmessy.project import project_paths
 
-    tracking.use_store()
+    tracking.connect()
     if args.model_uri:
         return args.model_uri
     name = args.model_name
@@ -80,7 +86,7 @@ def _model_uri(args: argparse.Namespace) -> str:
 def _predict(args: argparse.Namespace) -> int:
     from cleanmessy.serving.predict import run
 
-    return run(args.paths, lambda: _model_uri(args), args.out, args.batch_size)
+    return run(args.paths, lambda: _connect_and_choose_model(args), args.out, args.batch_size)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -88,8 +94,8 @@ def _serve(args: argparse.Namespace) -> None:
 
     if args.auth:
         log.warning("--auth shows the password to anyone who can run `ps` here; prefer CLEANMESSY_AUTH=user:password")
-    serve(_model_uri(args), "0.0.0.0" if args.public else args.host, args.port, args.auth, args.max_pixels,
-          args.upload_ttl)
+    serve(_connect_and_choose_model(args), "0.0.0.0" if args.public else args.host, args.port, args.auth,
+          args.max_pixels, args.upload_ttl)
 
 
 def _ui(args: argparse.Namespace) -> None:
@@ -101,7 +107,7 @@ def _ui(args: argparse.Namespace) -> None:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         raise UserError(f"MLFLOW_TRACKING_URI is set ({os.environ['MLFLOW_TRACKING_URI']}): open that server's UI; "
                         "`cleanmessy ui` serves the project's own store")
-    experiment_id = tracking.setup(paths)  # so the link works before the first run
+    experiment_id = tracking.open_experiment(paths)  # so the link works before the first run
     store = tracking.tracking_uri(paths)
     link = tracking.runs_page(f"http://{args.host}:{args.port}", experiment_id)
     print(f"MLflow UI for {store}\nopen {link}\n(ready in ~15 s; Ctrl-C stops it)", flush=True)
@@ -125,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in STAGES.items():
         sub.add_parser(name, help=help_text, description=help_text).set_defaults(func=_run_stage)
+    cv_help = "repeated stratified k-fold cross-validation of train.* (params: cv.*) into pipeline/cv.json"
+    sub.add_parser("cv", help=cv_help, description=cv_help + "; not a DVC stage: run it after ingest"
+                   ).set_defaults(func=_cv)
 
     predict = sub.add_parser("predict", help="classify photos with a registered model",
                              description="Classify image files (folders are searched recursively) with the "

@@ -18,6 +18,27 @@ STARTUP_NOISE = re.compile(
     r"This TensorFlow binary is optimized to use available CPU instructions|"
     r"rebuild TensorFlow with the appropriate compiler flags|Could not find cuda drivers|TF-TRT Warning")
 
+# The libraries' settings every cleanmessy process, and every tool it starts, runs with: no
+# telemetry (MLflow, Gradio, DVC), no TensorFlow C++ chatter, no MLflow INFO lines (they are about
+# MLflow, not the run), and a tracking server that goes away mid-run fails in about a minute, not
+# after minutes of backoff. Set before those libraries are imported; the user's own values win.
+QUIET_ENVIRONMENT = {
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+def quiet_environment() -> None:
+    """Apply QUIET_ENVIRONMENT to this process (and so to its children), keeping what is set."""
+    for key, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
 # Loggers whose INFO lines are about the libraries, not the user's run.
 QUIET_LOGGERS = {"alembic": logging.WARNING, "mlflow": logging.WARNING, "urllib3": logging.WARNING,
                  "httpx": logging.WARNING, "absl": logging.WARNING, "matplotlib": logging.WARNING,

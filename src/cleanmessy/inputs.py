@@ -5,9 +5,10 @@ Decoding goes through `images.load_for_model`, the same function predict and the
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import json
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,27 @@ from cleanmessy.errors import UserError
 from cleanmessy.images import ImageError, load_for_model
 
 _UNREADABLE = "unreadable image"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the trained model tells apart and takes in, as train hands it to evaluate and plot
+    (pipeline/run.json). No MLflow run id: a DVC output must be the same for the same inputs, or
+    every fresh `dvc repro` would change dvc.lock."""
+
+    class_names: list[str]
+    image_size: int
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.__dict__, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> ModelSpec:
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{path} not found: run `cleanmessy train` (or `dvc repro`) first") from None
+        return cls(raw["class_names"], raw["image_size"])
 
 
 @contextlib.contextmanager
@@ -33,11 +55,6 @@ def image_read_errors() -> Iterator[None]:
             raise
         raise UserError(f"{_UNREADABLE} {found.group(1)}; rerun `dvc repro --force ingest` to rebuild "
                         "data/images from the source") from None
-
-
-def manifest_hash(manifest_csv: Path) -> str:
-    """Content hash of the manifest: the data lineage tag on MLflow runs and dataset digest."""
-    return hashlib.sha256(manifest_csv.read_bytes()).hexdigest()
 
 
 def read_split(csv: Path) -> pd.DataFrame:

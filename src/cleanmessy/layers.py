@@ -7,7 +7,8 @@ A region of the feature map stands in for a crop of the photo at no extra backbo
 192 real photos, 20 pooled regions of 2 passes scored higher than 28 crops through the backbone
 (README, "Results", bench/views_probe.py).
 
-Import this module before loading a saved model that uses them (the `cleanmessy` loaders do)."""
+Loading a saved model needs them: `inference.load_model_file` and `inference.load_logged_model`
+pass CUSTOM_OBJECTS explicitly."""
 
 from __future__ import annotations
 
@@ -50,12 +51,7 @@ class MultiView(keras.layers.Layer):
     the photos resized to `size` (so Grad-CAM can take the map of the whole photo), then, with
     `flip`, their mirror images."""
 
-    def __init__(self, size: int, flip: bool = False, boxes: list[list[float]] | None = None, **kwargs) -> None:
-        # `boxes`: models saved before views became feature-map regions cropped the photo. Those
-        # with the whole photo only are the same model; those with crops need retraining.
-        if boxes is not None and [list(map(float, b)) for b in boxes] != [[0.0, 0.0, 1.0, 1.0]]:
-            raise ValueError("this model crops the photo into views (train.views.crops), which this version "
-                             "no longer supports: retrain it with train.views.regions")
+    def __init__(self, size: int, flip: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.size, self.flip = int(size), bool(flip)
 
@@ -120,3 +116,7 @@ class ViewStack(keras.layers.Layer):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "n_passes": self.n_passes}
+
+
+# The names the layers are saved under (`register_keras_serializable`'s package>class), for loaders.
+CUSTOM_OBJECTS = {f"cleanmessy>{layer.__name__}": layer for layer in (MultiView, RegionPool, ViewStack)}

@@ -16,6 +16,13 @@ from keras import layers
 from cleanmessy.layers import MultiView, RegionPool, ViewStack, view_boxes
 from cleanmessy.params import AugmentParams, TrainParams
 
+# The layers that training, serving and the benchmarks look up by name: the model's contract.
+VIEWS = "views"  # MultiView: the photo (and its mirror) at the backbone's input size
+POOL = "pool"  # RegionPool: the first layer after the backbone
+VIEW_FEATURES = "view_features"  # ViewStack: (photos, views, features), what the head's training caches
+DROPOUT = "dropout"  # optional, before the classifier
+PROBABILITIES = "probabilities"  # the softmax classifier
+
 
 def augmentation(p: AugmentParams, seed: int) -> list[layers.Layer]:
     """Random flip + rotation, as in the seed notebook; active only while training."""
@@ -39,8 +46,8 @@ def seed_cnn(n_classes: int, image_size: int, p: TrainParams, seed: int) -> kera
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(p.dense_units, activation="relu", name="dense")(x)
     if p.dropout > 0:
-        x = layers.Dropout(p.dropout, seed=seed, name="dropout")(x)
-    outputs = layers.Dense(n_classes, activation="softmax", name="probabilities")(x)
+        x = layers.Dropout(p.dropout, seed=seed, name=DROPOUT)(x)
+    outputs = layers.Dense(n_classes, activation="softmax", name=PROBABILITIES)(x)
     return keras.Model(inputs, outputs, name="seed_cnn")
 
 
@@ -68,7 +75,7 @@ def transfer(n_classes: int, image_size: int, p: TrainParams, seed: int) -> kera
     x = layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)  # mobilenet's preprocess_input
     for layer in augmentation(p.augment, seed):
         x = layer(x)
-    multi_view = MultiView(view_size, p.views.flip, name="views")
+    multi_view = MultiView(view_size, p.views.flip, name=VIEWS)
     x = multi_view(x)
     weights = None
     if p.weights == "imagenet":
@@ -83,14 +90,14 @@ def transfer(n_classes: int, image_size: int, p: TrainParams, seed: int) -> kera
 
             raise UserError(missing_message(p.arch, p.alpha, view_size, exc)) from None
         raise
-    pooled = RegionPool(view_boxes(p.views.region_grids()), name="pool")(backbone.output)
+    pooled = RegionPool(view_boxes(p.views.region_grids()), name=POOL)(backbone.output)
     if p.views.normalize:
         pooled = layers.UnitNormalization(name="view_normalize")(pooled)
-    per_view = ViewStack(multi_view.n_passes, name="view_features")(pooled)
+    per_view = ViewStack(multi_view.n_passes, name=VIEW_FEATURES)(pooled)
     head = layers.GlobalAveragePooling1D(name="view_mean")(per_view)
     if p.dropout > 0:
-        head = layers.Dropout(p.dropout, seed=seed, name="dropout")(head)
-    outputs = layers.Dense(n_classes, activation="softmax", name="probabilities")(head)
+        head = layers.Dropout(p.dropout, seed=seed, name=DROPOUT)(head)
+    outputs = layers.Dense(n_classes, activation="softmax", name=PROBABILITIES)(head)
     model = keras.Model(inputs, outputs, name=f"{p.arch}_{p.alpha:g}")
     for layer in backbone_layers(model):
         layer.trainable = False
@@ -98,10 +105,11 @@ def transfer(n_classes: int, image_size: int, p: TrainParams, seed: int) -> kera
 
 
 def backbone_layers(model: keras.Model) -> list[layers.Layer]:
-    """The backbone's layers: everything between the preprocessing/augmentation and the pooling."""
-    skip = {"image", "preprocess", "flip", "rotation", "views", "pool", "view_normalize", "view_features", "view_mean", "dropout",
-            "probabilities"}
-    return [layer for layer in model.layers if layer.name not in skip]
+    """The backbone's layers: those strictly between `views` (its input) and `pool` (the first
+    layer on its output), in Keras's topological order. Defined by the model's structure, so a
+    layer added before `views` or after `pool` never becomes part of what fine-tuning unfreezes."""
+    names = [layer.name for layer in model.layers]
+    return model.layers[names.index(VIEWS) + 1:names.index(POOL)]
 
 
 def unfreeze_top(model: keras.Model, n_layers: int) -> int:
@@ -128,8 +136,12 @@ PASSES_PER_STEP = 256  # a forward step holds this many backbone passes' activat
 def photos_per_step(model: keras.Model, batch_size: int) -> int:
     """Photos per inference step: `batch_size`, or fewer where each photo takes several backbone
     passes (photo + mirror), so that one step holds at most PASSES_PER_STEP of them."""
-    n_passes = model.get_layer("views").n_passes if "views" in {layer.name for layer in model.layers} else 1
+    n_passes = model.get_layer(VIEWS).n_passes if has_layer(model, VIEWS) else 1
     return max(1, min(batch_size, PASSES_PER_STEP // n_passes))
+
+
+def has_layer(model: keras.Model, name: str) -> bool:
+    return any(layer.name == name for layer in model.layers)
 
 
 def is_transfer(p: TrainParams) -> bool:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 
 from cleanmessy.errors import UserError
+from cleanmessy.images import DEFAULT_MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class IngestParams:
     source: str = "data/sample"  # folder | .zip | http(s):// URL of a zip | a sample recipe folder
     sha256: str = ""  # required for URL sources: the download is checked against it
     min_side: int = 32  # images smaller than this (either side) are rejected
-    max_pixels: int = 40_000_000  # decoding budget: larger images are rejected, never decoded
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decoding budget: larger images are rejected, never decoded
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,10 @@ class ViewParams:
 @dataclass(frozen=True)
 class TrainParams:
     arch: Literal["seed_cnn", "mobilenet", "mobilenet_v2"] = "seed_cnn"
-    epochs: int = 15
+    epochs: int = 40
     batch_size: int = 32
     learning_rate: float = 0.001
-    patience: int = 5  # early stopping on val loss; the best epoch's weights are kept
+    patience: int = 8  # early stopping on val loss; the best epoch's weights are kept
     filters: list[int] = field(default_factory=lambda: [32, 64])  # one Conv2D+MaxPool block each
     dense_units: int = 64
     dropout: float = 0.0

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cleanmessy.errors import UserError
+from cleanmessy.errors import UndeclaredInput, UserError
 
 MARKERS = ("dvc.yaml", "params.yaml")
 
@@ -47,8 +47,6 @@ class Paths:
     def _at(self, rel: str) -> Path:
         if self.declared is not None and not any(
                 rel == d or rel.startswith(f"{d}/") or d.startswith(f"{rel}/") for d in (*self.declared, *UNTRACKED)):
-            from cleanmessy.stages import UndeclaredInput
-
             raise UndeclaredInput(f"stage '{self.stage}' uses {rel}, which its dvc.yaml entry does not declare")
         return self.root / rel
 

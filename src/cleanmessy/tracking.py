@@ -1,15 +1,15 @@
-"""MLflow in one place: where the store is, which experiment, lineage tags, and the registry
-(register a version, promote it by alias, resolve a stage to a model URI)."""
+"""MLflow in one place: where the store is (`connect`), which experiment, the training run that
+evaluate and plot resume, what a run logs (lineage from lineage.py, the dataset, the model), and
+the registry (register a version, promote it by alias, resolve a stage, download a version)."""
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
 import re
-import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,18 +19,23 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from cleanmessy.errors import UserError
-from cleanmessy.project import Paths
+from cleanmessy.lineage import file_md5
+from cleanmessy.project import Paths, project_paths
 
 EXPERIMENT = "clean-vs-messy"
-STAGES = ("staging", "production")  # registry stages, held as MLflow aliases
+# Registry stages, held as MLflow aliases (MLflow deprecated its own stages in favour of them).
+STAGING, PRODUCTION = "staging", "production"
 EXPERIMENT_TAGS = {"mlflow.note.content": "Clean vs Messy: one run per `dvc repro` / `dvc exp run` that trained, "
                                           "named after its DVC experiment. Compare runs by their `test_` metrics."}
 
 
-def tracking_uri(paths: Paths) -> str:
-    """`MLFLOW_TRACKING_URI` when set (e.g. a team server), else the project's SQLite store.
-    Anchored at the project root, so any working directory sees the same store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlruns / 'mlflow.db'}"
+def tracking_uri(paths: Paths | None = None) -> str:
+    """`MLFLOW_TRACKING_URI` when set (e.g. a team server), else the SQLite store of the project
+    (`paths`, or the one found from the working directory). Anchored at the project root, so any
+    working directory sees the same store."""
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    return f"sqlite:///{(paths or project_paths()).mlruns / 'mlflow.db'}"
 
 
 def runs_page(base_url: str, experiment_id: str) -> str:
@@ -40,12 +45,20 @@ def runs_page(base_url: str, experiment_id: str) -> str:
     return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
-def setup(paths: Paths) -> str:
-    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+def connect(paths: Paths | None = None) -> str:
+    """Point MLflow's runs and registry at the configured store (`tracking_uri`); creates
+    nothing. Returns the URI. The one place that sets MLflow's global store."""
     uri = tracking_uri(paths)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # runs and the registry live in the same store
+    return uri
+
+
+def open_experiment(paths: Paths) -> str:
+    """`connect`, and make sure the experiment exists and is the active one; returns its id."""
+    uri = connect(paths)
     if uri.startswith("sqlite:///"):
         paths.mlruns.mkdir(parents=True, exist_ok=True)
-    _point_to(uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
@@ -58,67 +71,13 @@ def setup(paths: Paths) -> str:
     return experiment_id
 
 
-def _git(root: Path, *args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
-# Not code: params are logged as params, data by its hash, and dvc.lock and the pipeline outputs
-# are rewritten by every run (so they would make every run "dirty").
-NOT_CODE = ("params.yaml", "dvc.lock", "data", "pipeline", "mlruns", ".dvc")
-# The run tags that say where a model came from; registered versions carry them too.
-LINEAGE_TAGS = ("git_commit", "git_dirty", "data_manifest_sha256", "data_source", "dvc_exp_name", "model_md5")
-
-
-def lineage_tags(paths: Paths, manifest_sha256: str, source: str) -> dict[str, str]:
-    """Tags that say where a run came from, so runs compare side by side in the MLflow UI.
-    `git_dirty` is true when tracked files other than params.yaml, dvc.lock and outputs differ
-    from `git_commit`: the code that ran is then not the commit's."""
-    commit = _git(paths.root, "rev-parse", "HEAD")
-    excluded = [f":(exclude){p}" for p in NOT_CODE]
-    tags = {
-        "git_commit": commit or "none",
-        "git_dirty": str(bool(_git(paths.root, "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                   *excluded))).lower(),
-        "data_manifest_sha256": manifest_sha256,
-        "data_source": source,
-    }
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    if exp := os.environ.get("DVC_EXP_NAME"):
-        tags["dvc_exp_name"] = exp
-    return tags
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """What train hands to evaluate and plot (pipeline/run.json). No MLflow run id: a DVC output
-    must be the same for the same inputs, or every fresh `dvc repro` would change dvc.lock."""
-
-    class_names: list[str]
-    image_size: int
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.__dict__, indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> RunInfo:
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"{path} not found: run `cleanmessy train` (or `dvc repro`) first") from None
-        return cls(raw["class_names"], raw["image_size"])
-
-
-def file_md5(path: Path) -> str:
-    """md5 of a file, as dvc.lock records it."""
-    digest = hashlib.md5()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+@contextlib.contextmanager
+def resume_training_run(paths: Paths) -> Iterator[str]:
+    """The MLflow run that trained the workspace's model, active inside the block (evaluate and
+    plot add to it); yields its id. An exception inside marks the run FAILED."""
+    run_id = training_run_id(paths, open_experiment(paths))
+    with mlflow.start_run(run_id=run_id):
+        yield run_id
 
 
 def remember_training_run(paths: Paths, run_id: str) -> None:
@@ -179,12 +138,6 @@ def training_images(run_id: str) -> set[str] | None:
         return set(mlflow.artifacts.load_text(f"runs:/{run_id}/{TRAINING_IMAGES}").split())
     except (MlflowException, OSError):
         return None
-
-
-def run_name(exp_name: str | None, arch: str, image_size: int, now: datetime) -> str:
-    """The DVC experiment's name when there is one, else what and when: `seed_cnn-64px-1127-123005`.
-    (MLflow's own random names repeat here: train seeds Python's random generator.)"""
-    return exp_name or f"{arch}-{image_size}px-{now:%m%d-%H%M%S}"
 
 
 def pip_requirements() -> list[str]:
@@ -267,7 +220,8 @@ def decide_production(accuracy: float, min_accuracy: float, comparison: Comparis
     """Whether a new version becomes `production`, and why, in words for its description. It must
     reach `min_accuracy` on its own test images, and do at least as well as the production version
     on the same images (counts, not rounded rates, so a tie is a tie)."""
-    gate = f"test accuracy {accuracy:.4f} {'>=' if accuracy >= min_accuracy else '<'} evaluate.min_accuracy {min_accuracy:g}"
+    relation = ">=" if accuracy >= min_accuracy else "<"
+    gate = f"test accuracy {accuracy:.4f} {relation} evaluate.min_accuracy {min_accuracy:g}"
     if accuracy < min_accuracy:
         return False, f"not promoted: {gate}" + (f"; {comparison.describe()}" if comparison else "")
     if comparison is None:
@@ -326,9 +280,9 @@ def register_and_promote(model_info: Any, name: str, run_id: str, accuracy: floa
                                           tags={**tags, "test_accuracy": repr(accuracy), "promotion": reason},
                                           description=f"**{reason}**\n\n{card}")
     if staging:
-        client.set_registered_model_alias(name, "staging", version.version)
+        client.set_registered_model_alias(name, STAGING, version.version)
     if promote:
-        client.set_registered_model_alias(name, "production", version.version)
+        client.set_registered_model_alias(name, PRODUCTION, version.version)
     return Promotion(str(version.version), promote, staging, reason)
 
 
@@ -340,21 +294,6 @@ def model_uri_for(name: str, stage: str) -> str:
 # ---------------------------------------------------------------- model selection (serving)
 
 _MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<ref>[\w-]+))")
-
-
-def use_store(start: Path | None = None) -> str:
-    """Point MLflow at the configured store without creating anything: `MLFLOW_TRACKING_URI`, or
-    the SQLite store of the project found from `start` (default: cwd). Returns the URI."""
-    from cleanmessy.project import project_paths
-
-    return _point_to(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(project_paths(start)))
-
-
-def _point_to(uri: str) -> str:
-    """Runs and the registry live in the same store."""
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return uri
 
 
 @dataclass(frozen=True)
@@ -398,3 +337,20 @@ def resolve_version(model_uri: str) -> RegisteredVersion:
     return RegisteredVersion(name=name, version=str(version.version), aliases=sorted(version.aliases or []),
                              run_id=version.run_id or "", description=version.description or "",
                              test_accuracy=float(accuracy) if accuracy else None, tags=dict(version.tags or {}))
+
+
+def download_version(uri: str) -> tuple[Path, dict[str, Any]]:
+    """A registered version's files, downloaded to a local folder, and its MLmodel metadata (class
+    names, image size, ...); a UserError when it cannot be downloaded or was not logged by
+    evaluate."""
+    import mlflow.artifacts
+    from mlflow.models import Model
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        meta = Model.load(str(local)).metadata or {}
+    except (MlflowException, OSError) as exc:  # artifacts deleted or the store unreachable
+        raise UserError(f"cannot download {uri} from the registry: {exc}") from None
+    if "class_names" not in meta or "image_size" not in meta:
+        raise UserError(f"{uri} has no class_names/image_size metadata: it was not logged by `cleanmessy evaluate`")
+    return local, meta

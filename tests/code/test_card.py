@@ -53,13 +53,15 @@ def test_card_of_a_sample_model_says_it_never_saw_a_photo():
     data = {**describe_data(report), "source": "data/sample", "split_sizes": {"train": 480, "val": 60, "test": 60},
             "manifest_sha256": "cd" * 32}
     card = render_card("clean-vs-messy", data, {"train.arch": "seed_cnn"}, test)
-    assert "Trained on the embedded synthetic sample: cartoon rooms drawn by the project's generator, not photos." in card
+    assert ("Trained on the embedded synthetic sample: cartoon rooms drawn by the project's generator, "
+            "not photos.") in card
     assert "not meaningful" in card and "staged vs lived-in" not in card
 
 
 def test_describe_data_counts_and_kinds():
     assert describe_data({"source": "x.zip", "source_kind": "zip", "classes": {"clean": 3, "messy": 4}}) == {
-        "kind": "zip", "description": "photos from the archive x.zip", "n_images": 7, "classes": {"clean": 3, "messy": 4}}
+        "kind": "zip", "description": "photos from the archive x.zip", "n_images": 7,
+        "classes": {"clean": 3, "messy": 4}}
     assert describe_data({"source": "https://h/x.zip", "source_kind": "url", "classes": {"a": 1}})["description"] == \
         "photos downloaded from https://h/x.zip"
 

@@ -18,10 +18,10 @@ try:
     status = main(sys.argv[1:])
 except SystemExit as exc:
     status = exc.code
-heavy = sorted({m.split('.')[0] for m in sys.modules} & set(%r))
+heavy = sorted({m.split('.')[0] for m in sys.modules} & set(HEAVY_NAMES))
 print('HEAVY=' + ','.join(heavy), file=sys.stderr)
 sys.exit(status)
-""" % (HEAVY,)
+""".replace("HEAVY_NAMES", repr(HEAVY))
 
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -77,7 +77,8 @@ def test_ui_refuses_a_remote_tracking_server(tmp_path, monkeypatch):
 
     result = subprocess.run([sys.executable, "-c", PROBE, "ui"], cwd=REPO, capture_output=True, text=True,
                             env={**__import__("os").environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
-    assert result.returncode == 2 and "MLFLOW_TRACKING_URI is set (http://127.0.0.1:9): open that server's UI" in result.stderr
+    assert result.returncode == 2
+    assert "MLFLOW_TRACKING_URI is set (http://127.0.0.1:9): open that server's UI" in result.stderr
 
 
 def test_unreachable_tracking_server_fails_in_seconds_before_tensorflow(tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from cleanmessy.crossval import fold_plan, summarize
 from cleanmessy.errors import UserError
-from cleanmessy.stages.cv import fold_plan, summarize
 
 
 def manifest(n_per_class: int) -> pd.DataFrame:

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cleanmessy.errors import UndeclaredInput
 from cleanmessy.params import Params
 from cleanmessy.project import Paths
-from cleanmessy.stages import UndeclaredInput, declaration, restrict_params
+from cleanmessy.stages import declaration, restrict_params
 
 REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src"
@@ -63,7 +64,8 @@ def code_run_by(stage: str) -> set[str]:
     commands go through cleanmessy.stages.run_stage), and the stage module's closure."""
     cli = SRC / "cleanmessy" / "cli.py"
     modules = closure(imported_modules(cli, top_level_only=True) | {"cleanmessy.stages", f"cleanmessy.stages.{stage}"})
-    files = {module_path(m).relative_to(REPO).as_posix() for m in modules} | {cli.relative_to(REPO).as_posix(), LAUNCHER}
+    files = {module_path(m).relative_to(REPO).as_posix() for m in modules}
+    files |= {cli.relative_to(REPO).as_posix(), LAUNCHER}
     # A package __init__ that is only a docstring runs no code worth a rerun.
     return {f for f in files if not (f.endswith("__init__.py") and _docstring_only(REPO / f))}
 

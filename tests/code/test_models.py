@@ -166,7 +166,8 @@ def test_saved_model_is_byte_identical_across_processes(tmp_path):
     import sys
 
     code = ("import sys; from pathlib import Path; from cleanmessy.models import build_model, save_model; "
-            "from cleanmessy.params import TrainParams; save_model(build_model(2, 32, TrainParams(), 1), Path(sys.argv[1]))")
+            "from cleanmessy.params import TrainParams; "
+            "save_model(build_model(2, 32, TrainParams(), 1), Path(sys.argv[1]))")
     for name in ("first.keras", "second.keras"):
         subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True, capture_output=True)
     digests = {hashlib.md5((tmp_path / n).read_bytes()).hexdigest() for n in ("first.keras", "second.keras")}

@@ -20,6 +20,12 @@ def test_empty_mapping_gives_defaults():
     assert p.train.filters == [32, 64]
 
 
+def test_the_codes_defaults_are_the_committed_params():
+    """One home for every default: the dataclasses' defaults are exactly params.yaml's values, so
+    a key left out of params.yaml (or a script building Params()) gets what the pipeline runs."""
+    assert flatten(Params()) == flatten(load_params(REPO_PARAMS))
+
+
 def test_partial_section_keeps_other_defaults():
     """Setting one key in a section leaves its siblings at their defaults."""
     p = parse_params({"train": {"epochs": 3}})
@@ -194,9 +200,8 @@ def test_dvc_style_params_file_changes_one_line_per_set(tmp_path):
     import difflib
     import shutil
 
-    from dvc.utils.serialize import modify_yaml
-
     from conftest import REPO
+    from dvc.utils.serialize import modify_yaml
 
     copy = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", copy)

@@ -8,10 +8,10 @@ import sys
 import warnings
 
 import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from cleanmessy.errors import UserError
@@ -25,12 +25,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DPI = PlotParams().dpi
 MAX_WIDTH_PX = 1200  # `dvc plots show` lays figures out in a 1280-px page
 SIZES = [(12, 16), (16, 16), (20, 10), (10, 20)]  # (height, width): square and non-square photos
-
-
-@pytest.fixture(autouse=True)
-def close_figures():
-    yield
-    plt.close("all")
 
 
 @pytest.fixture
@@ -103,8 +97,9 @@ def assert_fits(fig) -> None:
     """At most 1200 px wide at the default dpi; every title and text inside the figure; no caption
     overlapping another caption or another cell's photo."""
     assert fig.get_figwidth() * DPI <= MAX_WIDTH_PX
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
+    canvas = FigureCanvasAgg(fig)  # the renderer savefig uses for PNGs
+    canvas.draw()
+    renderer = canvas.get_renderer()
     texts = [t for t in fig.texts if t.get_text()]
     for ax in fig.axes:
         texts += [t for t in (ax.title, *ax.texts) if t.get_text()]
@@ -142,7 +137,7 @@ def test_six_column_grid_is_1200_px_and_rows_clear_each_other(project, tmp_path)
     width, height = saved_size(fig, tmp_path / "predictions.png")
     assert width == MAX_WIDTH_PX and height >= 2 * 200
     assert_fits(fig)
-    fig.canvas.draw()
+    FigureCanvasAgg(fig).draw()
     first_row_bottom = min(ax.images[0].get_window_extent().y0 for ax in shown(fig)[:6])
     assert all(ax.title.get_window_extent().y1 < first_row_bottom for ax in shown(fig)[6:])
 
@@ -252,7 +247,7 @@ def test_training_curves_mark_best_epoch(tmp_path):
 def test_training_curves_tick_whole_epochs(epochs, expected):
     """Epoch ticks are whole numbers, also for a 1-epoch run (no 0.95, 0.96, ...)."""
     fig = training_curves(history(epochs))
-    fig.canvas.draw()
+    FigureCanvasAgg(fig).draw()
     for ax in fig.axes:
         low, high = ax.get_xlim()
         ticks = [t for t in ax.get_xticks() if low <= t <= high]
@@ -288,32 +283,24 @@ def test_confusion_figure_of_many_classes_stays_1200_px():
 
 
 class FakeMlflow:
-    """Records what `main` logs, instead of a tracking store."""
+    """Records what `main` logs, instead of a tracking store: `tracking` resumes a fake run,
+    `mlflow` logs into it."""
 
     def __init__(self) -> None:
         self.runs: list[str] = []
         self.artifacts: list[tuple[str, str | None]] = []
 
     @contextlib.contextmanager
-    def start_run(self, run_id: str):
-        self.runs.append(run_id)
-        yield
+    def resume_training_run(self, paths):
+        self.runs.append("run-1")
+        yield "run-1"
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        assert self.runs, "logged outside the training run"
         self.artifacts.append((local_path, artifact_path))
 
     def log_artifacts(self, *args, **kwargs) -> None:
         raise AssertionError("figures are logged one by one, at the artifact root")
-
-
-class FakeTracking:
-    @staticmethod
-    def training_run_id(paths, experiment_id: str) -> str:
-        return "run-1"
-
-    @staticmethod
-    def setup(paths) -> str:
-        return "0"
 
 
 def pipeline_outputs(project) -> Paths:
@@ -335,7 +322,7 @@ def test_main_reads_evaluation_and_logs_each_figure_at_the_artifact_root(project
     paths = pipeline_outputs(project)
     fake = FakeMlflow()
     monkeypatch.setattr(plot, "mlflow", fake)
-    monkeypatch.setattr(plot, "tracking", FakeTracking)
+    monkeypatch.setattr(plot, "tracking", fake)
     plot.main(paths, Params())
     assert not paths.metrics.exists()
     assert sorted(p.name for p in paths.plots.iterdir()) == sorted(NAMES)
@@ -350,8 +337,9 @@ def test_main_refuses_an_old_history(project, monkeypatch):
     paths = pipeline_outputs(project)
     old = history().drop(columns="phase").rename(columns={"train_loss": "loss", "train_accuracy": "accuracy"})
     old.to_csv(paths.history, index=False)
-    monkeypatch.setattr(plot, "mlflow", FakeMlflow())
-    monkeypatch.setattr(plot, "tracking", FakeTracking)
+    fake = FakeMlflow()
+    monkeypatch.setattr(plot, "mlflow", fake)
+    monkeypatch.setattr(plot, "tracking", fake)
     with pytest.raises(UserError, match=r"rerun `cleanmessy train`"):
         plot.main(paths, Params())
 

@@ -8,14 +8,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
-import mlflow.tracking._model_registry.utils as mlflow_registry_state
-import mlflow.tracking._tracking_service.utils as mlflow_tracking_state
-import mlflow.tracking.fluent as mlflow_fluent_state
 import pytest
 from mlflow import MlflowClient
 
 from cleanmessy import tracking
 from cleanmessy.errors import UserError
+from cleanmessy.inputs import ModelSpec
+from cleanmessy.lineage import lineage_tags, run_name
 from cleanmessy.project import Paths
 
 # MLflow keeps the tracking URI, registry URI and experiment id both in module globals and in
@@ -35,12 +34,12 @@ def isolated_mlflow(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    # setup() sets these process-wide; re-setting them to their current values makes monkeypatch
-    # put them back afterwards (state restored, nothing replaced: MLflow runs for real).
-    monkeypatch.setattr(mlflow_tracking_state, "_tracking_uri", mlflow_tracking_state._tracking_uri)
-    monkeypatch.setattr(mlflow_registry_state, "_registry_uri", mlflow_registry_state._registry_uri)
-    monkeypatch.setattr(mlflow_fluent_state, "_active_experiment_id", mlflow_fluent_state._active_experiment_id)
+    # tracking.connect points MLflow at a store process-wide (MLflow's public API has no other
+    # way); put the previous store back afterwards. Each test opens its own experiment.
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     yield
+    mlflow.set_tracking_uri(before[0])
+    mlflow.set_registry_uri(before[1])
     assert mlflow.active_run() is None, "a test left an MLflow run open"
 
 
@@ -95,7 +94,7 @@ def test_tracking_uri_env_var_overrides(paths, monkeypatch):
 
 def test_setup_creates_experiment_with_local_artifact_location(paths):
     """setup creates "clean-vs-messy" with artifacts under <root>/mlruns/artifacts (a file URI)."""
-    experiment_id = tracking.setup(paths)
+    experiment_id = tracking.open_experiment(paths)
     assert (paths.mlruns / "mlflow.db").is_file()
     experiment = MlflowClient().get_experiment(experiment_id)
     assert experiment.name == "clean-vs-messy" == tracking.EXPERIMENT
@@ -106,8 +105,8 @@ def test_setup_creates_experiment_with_local_artifact_location(paths):
 
 def test_setup_twice_returns_the_same_experiment(paths):
     """A second setup finds the existing experiment instead of creating another."""
-    first = tracking.setup(paths)
-    second = tracking.setup(paths)
+    first = tracking.open_experiment(paths)
+    second = tracking.open_experiment(paths)
     assert first == second
     names = [e.name for e in MlflowClient().search_experiments()]
     assert names.count("clean-vs-messy") == 1
@@ -116,13 +115,13 @@ def test_setup_twice_returns_the_same_experiment(paths):
 def test_setup_honours_experiment_name_env(paths, monkeypatch):
     """MLFLOW_EXPERIMENT_NAME picks a different experiment name."""
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "other-experiment")
-    experiment_id = tracking.setup(paths)
+    experiment_id = tracking.open_experiment(paths)
     assert MlflowClient().get_experiment(experiment_id).name == "other-experiment"
 
 
 def test_runs_land_in_the_project_store(paths):
     """After setup, a run started with the fluent API is stored in the project's experiment."""
-    experiment_id = tracking.setup(paths)
+    experiment_id = tracking.open_experiment(paths)
     run_id = log_dummy_model(paths.root)
     run = MlflowClient().get_run(run_id)
     assert run.info.experiment_id == experiment_id
@@ -179,7 +178,7 @@ def test_incomparable_production_never_promotes_and_says_why():
 def test_first_version_gets_staging_and_production(paths):
     """The first version above min_accuracy is registered with both aliases, tags, the decision
     and the model card in its description, and the registered model gets a description."""
-    tracking.setup(paths)
+    tracking.open_experiment(paths)
     promotion = register(paths.root, 0.9)
     assert str(promotion.version) == "1"
     assert promotion.production is True and promotion.staging is True
@@ -196,7 +195,7 @@ def test_first_version_gets_staging_and_production(paths):
 def test_versions_move_aliases_by_comparison(paths):
     """production moves only to a version at least as good on the shared images; staging to every
     version that reaches min_accuracy."""
-    tracking.setup(paths)
+    tracking.open_experiment(paths)
     first = register(paths.root, 0.9)
     assert aliases(first.version) == {"staging", "production"}
 
@@ -213,7 +212,7 @@ def test_versions_move_aliases_by_comparison(paths):
 def test_version_below_min_accuracy_gets_no_alias(paths):
     """Below evaluate.min_accuracy a version is registered (its card says why) but takes neither
     alias: staging keeps pointing at the last acceptable candidate."""
-    tracking.setup(paths)
+    tracking.open_experiment(paths)
     low = register(paths.root, 0.5, min_accuracy=0.8)
     assert low.production is False and low.staging is False
     assert aliases(low.version) == set()
@@ -227,7 +226,7 @@ def test_version_below_min_accuracy_gets_no_alias(paths):
 
 def test_alias_version_missing_model_is_none(paths):
     """alias_version answers None for a model or alias that does not exist."""
-    tracking.setup(paths)
+    tracking.open_experiment(paths)
     assert tracking.alias_version(MlflowClient(), "no-such-model", "production") is None
 
 
@@ -241,11 +240,11 @@ def test_model_uri_for_uses_lower_case_alias():
 
 
 def test_run_info_round_trip(tmp_path):
-    """RunInfo saved to JSON loads back equal, lists and ints included."""
-    info = tracking.RunInfo(class_names=["clean", "messy"], image_size=64)
+    """ModelSpec saved to JSON loads back equal, lists and ints included."""
+    info = ModelSpec(class_names=["clean", "messy"], image_size=64)
     path = tmp_path / "run.json"
     info.save(path)
-    loaded = tracking.RunInfo.load(path)
+    loaded = ModelSpec.load(path)
     assert loaded == info
     assert loaded.class_names == ["clean", "messy"]
     assert isinstance(loaded.image_size, int)
@@ -254,7 +253,7 @@ def test_run_info_round_trip(tmp_path):
 def test_run_info_missing_file_says_run_train(tmp_path):
     """A missing run.json is a UserError telling the user to run `cleanmessy train`."""
     with pytest.raises(UserError, match="cleanmessy train") as excinfo:
-        tracking.RunInfo.load(tmp_path / "pipeline" / "run.json")
+        ModelSpec.load(tmp_path / "pipeline" / "run.json")
     assert "run.json" in str(excinfo.value)
 
 
@@ -280,7 +279,7 @@ def git_repo(tmp_path: Path) -> Path:
 
 def test_lineage_tags_in_git_repo(git_repo):
     """In a clean checkout the tags carry HEAD's commit, dirty=false, and the data fingerprint."""
-    tags = tracking.lineage_tags(Paths(git_repo), "f" * 64, "data/sample")
+    tags = lineage_tags(git_repo, "f" * 64, "data/sample")
     head = git(git_repo, "rev-parse", "HEAD")
     assert len(head) == 40
     assert tags["git_commit"] == head
@@ -294,9 +293,9 @@ def test_lineage_tags_in_git_repo(git_repo):
 def test_lineage_tags_dirty_when_tracked_file_changed(git_repo):
     """A modified tracked file makes git_dirty "true"; an untracked one does not."""
     (git_repo / "untracked.txt").write_text("new\n")
-    assert tracking.lineage_tags(Paths(git_repo), "x", "s")["git_dirty"] == "false"
+    assert lineage_tags(git_repo, "x", "s")["git_dirty"] == "false"
     (git_repo / "tracked.txt").write_text("two\n")
-    assert tracking.lineage_tags(Paths(git_repo), "x", "s")["git_dirty"] == "true"
+    assert lineage_tags(git_repo, "x", "s")["git_dirty"] == "true"
 
 
 def test_lineage_tags_not_dirty_for_params_lock_and_outputs(git_repo):
@@ -309,20 +308,20 @@ def test_lineage_tags_not_dirty_for_params_lock_and_outputs(git_repo):
     git(git_repo, "commit", "-q", "-m", "outputs")
     for name in ("params.yaml", "dvc.lock", "pipeline/metrics.json", "data/ingest_report.json"):
         (git_repo / name).write_text("two\n")
-    assert tracking.lineage_tags(Paths(git_repo), "x", "s")["git_dirty"] == "false"
+    assert lineage_tags(git_repo, "x", "s")["git_dirty"] == "false"
 
 
 def test_run_name_is_the_experiment_or_what_and_when():
     from datetime import datetime
 
-    assert tracking.run_name("lr-test", "seed_cnn", 64, datetime(2026, 11, 27, 12, 30, 5)) == "lr-test"
-    assert tracking.run_name(None, "mobilenet_v2", 224, datetime(2026, 11, 27, 12, 30, 5)) == "mobilenet_v2-224px-1127-123005"
+    assert run_name("lr-test", "seed_cnn", 64, datetime(2026, 11, 27, 12, 30, 5)) == "lr-test"
+    assert run_name(None, "mobilenet_v2", 224, datetime(2026, 11, 27, 12, 30, 5)) == "mobilenet_v2-224px-1127-123005"
 
 
 def test_lineage_tags_dvc_exp_name(git_repo, monkeypatch):
     """DVC_EXP_NAME (set by `dvc exp run`) becomes the dvc_exp_name tag."""
     monkeypatch.setenv("DVC_EXP_NAME", "lr-test")
-    assert tracking.lineage_tags(Paths(git_repo), "x", "s")["dvc_exp_name"] == "lr-test"
+    assert lineage_tags(git_repo, "x", "s")["dvc_exp_name"] == "lr-test"
 
 
 def test_lineage_tags_outside_git(tmp_path, monkeypatch):
@@ -330,7 +329,7 @@ def test_lineage_tags_outside_git(tmp_path, monkeypatch):
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # don't find a repo above tmp
     root = tmp_path / "plain"
     root.mkdir()
-    tags = tracking.lineage_tags(Paths(root), "abc", "src")
+    tags = lineage_tags(root, "abc", "src")
     assert tags["git_commit"] == "none"
     assert tags["git_dirty"] == "false"
     assert "mlflow.source.git.commit" not in tags

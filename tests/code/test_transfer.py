@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SHARED
 from PIL import Image
 
-from conftest import SHARED
 from cleanmessy.models import backbone_layers, build_model, unfreeze_top
 from cleanmessy.params import AugmentParams, TrainParams
 from cleanmessy.serving.explain import gradcam_function, last_conv_layer
-from cleanmessy.stages.train import train_model
+from cleanmessy.training import train_model
 
 NO_AUGMENT = AugmentParams(flip="none", rotation=0.0)
 WEIGHTS = SHARED / "keras-weights"
@@ -68,13 +68,30 @@ def test_grad_cam_reaches_the_last_backbone_convolution():
 
 def test_head_phase_uses_cached_features_and_fine_tune_follows(frames):
     """No augmentation: a head phase on cached features, then a fine-tune phase on images; the
-    epochs number on across phases."""
+    epochs number on across phases, and `on_epoch` gets each epoch's row of the history."""
     root, train, val = frames
     model = build_model(2, 32, tiny(fine_tune_layers=5, fine_tune_epochs=2), seed=0)
+    reported: list[tuple[int, dict]] = []
     history = train_model(model, train, val, root, ["clean", "messy"], 32,
-                          tiny(fine_tune_layers=5, fine_tune_epochs=2), seed=0, log_to_mlflow=False)
+                          tiny(fine_tune_layers=5, fine_tune_epochs=2), seed=0,
+                          on_epoch=lambda metrics, step: reported.append((step, metrics)))
     assert list(history["phase"].unique()) == ["head", "fine_tune"]
     assert list(history["epoch"]) == list(range(1, len(history) + 1))
+    assert [step for step, _ in reported] == list(history["epoch"])
+    for (_, metrics), (_, row) in zip(reported, history.iterrows()):
+        assert metrics["val_loss"] == pytest.approx(row["val_loss"])
+        assert set(metrics) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy"}
+
+
+def test_backbone_is_what_lies_between_views_and_pool():
+    """Fine-tuning unfreezes backbone layers only: the layers between `views` and `pool`, never a
+    head layer (dropout, probabilities) or the augmentation before the views."""
+    params = tiny(dropout=0.3, augment=AugmentParams(flip="horizontal", rotation=0.05))
+    model = build_model(2, 32, params, seed=0)
+    names = {layer.name for layer in backbone_layers(model)}
+    assert not names & {"image", "preprocess", "flip", "rotation", "views", "pool", "view_features", "view_mean",
+                        "dropout", "probabilities"}
+    assert "conv1" in names and "conv_pw_13_relu" in names
 
 
 def test_augmenting_trains_the_whole_model(frames):
@@ -82,7 +99,7 @@ def test_augmenting_trains_the_whole_model(frames):
     root, train, val = frames
     params = tiny(augment=AugmentParams(flip="horizontal", rotation=0.05))
     model = build_model(2, 32, params, seed=0)
-    history = train_model(model, train, val, root, ["clean", "messy"], 32, params, seed=0, log_to_mlflow=False)
+    history = train_model(model, train, val, root, ["clean", "messy"], 32, params, seed=0)
     assert list(history["phase"].unique()) == ["train"]
 
 
@@ -115,13 +132,13 @@ def test_logistic_head_fits_once_on_every_view(frames):
 
     from cleanmessy.inputs import make_dataset
     from cleanmessy.params import ViewParams
-    from cleanmessy.stages.train import cached_features
+    from cleanmessy.training import cached_features
 
     root, train, val = frames
     classes = ["clean", "messy"]
     params = tiny(head="logistic", views=ViewParams(regions=[[0.8, 2]], flip=True))
     model = build_model(2, 32, params, seed=0)
-    history = train_model(model, train, val, root, classes, 32, params, seed=0, log_to_mlflow=False)
+    history = train_model(model, train, val, root, classes, 32, params, seed=0)
     assert list(history["phase"]) == ["head"] and len(history) == 1
     views = {name: cached_features(model, make_dataset(frame, root, classes, 32, 4)).astype("float64")
              for name, frame in (("train", train), ("val", val))}

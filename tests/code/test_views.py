@@ -20,7 +20,7 @@ from cleanmessy.layers import (
 from cleanmessy.models import build_model, photos_per_step
 from cleanmessy.params import parse_params
 from cleanmessy.serving.explain import gradcam_function
-from cleanmessy.stages.train import fit_logistic
+from cleanmessy.training import fit_logistic
 
 NO_AUGMENT = {"flip": "none", "rotation": 0}
 
@@ -46,13 +46,6 @@ def test_multi_view_puts_the_photos_first_and_their_mirrors_after():
     np.testing.assert_allclose(views[:3], images, atol=1e-4)  # at its own size: unchanged
     np.testing.assert_allclose(views[3:], images[:, :, ::-1], atol=1e-4)
     assert np.asarray(MultiView(size=10)(images)).shape == (3, 10, 10, 3)
-
-
-def test_models_saved_with_the_old_whole_photo_view_still_load_and_cropping_ones_say_why():
-    layer = MultiView.from_config({"name": "views", "boxes": [[0, 0, 1, 1]], "size": 20, "flip": True})
-    assert layer.n_passes == 2 and "boxes" not in layer.get_config()
-    with pytest.raises((TypeError, ValueError), match="retrain it with train.views.regions"):
-        MultiView.from_config({"name": "views", "boxes": [[0, 0, 1, 1], [0, 0, 0.8, 0.8]], "size": 20})
 
 
 def test_region_pool_averages_each_boxs_cells():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-
 from conftest import REAL_PHOTOS, REPO, requires_real_photos
+
 from cleanmessy.params import IngestParams, SplitParams
 from cleanmessy.stages.ingest import run_ingest, source_files
 from cleanmessy.stages.split import assign_splits, check_splits
@@ -64,7 +64,7 @@ def test_best_configuration_learns_the_real_photos(tmp_path, monkeypatch):
     from cleanmessy.inputs import label_indices, make_dataset
     from cleanmessy.models import build_model, photos_per_step
     from cleanmessy.params import load_changes
-    from cleanmessy.stages.train import train_model
+    from cleanmessy.training import train_model
 
     monkeypatch.setenv("CLEANMESSY_KERAS_WEIGHTS", str(WEIGHTS))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
@@ -76,7 +76,7 @@ def test_best_configuration_learns_the_real_photos(tmp_path, monkeypatch):
     p, size, classes = params.train, params.base.image_size, ["clean", "messy"]
     model = build_model(2, size, p, params.base.seed)
     parts = {name: frame[frame["split"] == name] for name in ("train", "val", "test")}
-    train_model(model, parts["train"], parts["val"], tmp_path, classes, size, p, params.base.seed, log_to_mlflow=False)
+    train_model(model, parts["train"], parts["val"], tmp_path, classes, size, p, params.base.seed)
     probs = model.predict(make_dataset(parts["test"], tmp_path, classes, size, photos_per_step(model, 32)), verbose=0)
     correct = int(np.sum(probs.argmax(1) == label_indices(parts["test"], classes)))
     assert correct >= 18, f"{correct}/20 test photos right"

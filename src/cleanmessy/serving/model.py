@@ -1,19 +1,16 @@
 """A registered model, loaded once for serving: the Keras model from MLflow, its class names, input
-size, training data and smallest accepted photo side (from the MLmodel metadata), a compiled
-inference function and Grad-CAM."""
+size, training data and smallest accepted photo side (from the MLmodel metadata), the compiled
+forward pass (an `inference.Predictor`) and Grad-CAM."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from cleanmessy import tracking
-from cleanmessy.errors import UserError
 from cleanmessy.images import to_model_input
-from cleanmessy.models import PASSES_PER_STEP, photos_per_step  # (importing models registers its custom layers for loading)
 from cleanmessy.params import IngestParams
 
 log = logging.getLogger(__name__)
@@ -46,24 +43,11 @@ class ServedModel:
     @classmethod
     def load(cls, model_uri: str) -> ServedModel:
         """Resolve `model_uri` in the configured registry, download and load that exact version."""
-        import mlflow
-        import mlflow.keras
-        from mlflow.exceptions import MlflowException
-        from mlflow.models import Model
+        from cleanmessy.inference import load_logged_model
 
         version = tracking.resolve_version(model_uri)
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.uri))
-            meta = Model.load(str(local)).metadata or {}
-        except (MlflowException, OSError) as exc:  # artifacts deleted or the store unreachable
-            raise UserError(f"cannot download {version.uri} from the registry: {exc}") from None
-        if "class_names" not in meta or "image_size" not in meta:
-            raise UserError(f"{version.uri} has no class_names/image_size metadata: it was not logged by "
-                            "`cleanmessy evaluate`")
-        try:
-            keras_model = mlflow.keras.load_model(str(local))
-        except (TypeError, ValueError) as exc:  # Keras wraps a layer's refusal to deserialise in a TypeError
-            raise UserError(f"cannot load {version.uri}: {exc}") from None
+        local, meta = tracking.download_version(version.uri)
+        keras_model = load_logged_model(local, version.uri)
         card = local / "model_card.md"
         served = cls(version, list(meta["class_names"]), int(meta["image_size"]), keras_model,
                      card.read_text() if card.is_file() else "", training_data=_training_data(meta),
@@ -74,33 +58,31 @@ class ServedModel:
 
     def _compile(self) -> None:
         """Compile the forward pass and Grad-CAM once and run both, so no request pays for tracing."""
-        import tensorflow as tf
-
+        from cleanmessy.inference import Predictor
         from cleanmessy.serving.explain import gradcam_function
 
-        model = self.keras_model
-        self._forward = tf.function(
-            lambda x: model(x, training=False),
-            input_signature=[tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.uint8)],
-        )
-        self._explain = gradcam_function(model, self.image_size)
-        self._messy = explained_class(self.class_names)
-        self._photos_per_step = photos_per_step(model, PASSES_PER_STEP)
+        self._predictor = Predictor(self.keras_model, self.image_size)
+        self._explain = gradcam_function(self.keras_model, self.image_size)
+        self._explained_class = explained_class(self.class_names)
         warm = np.zeros((1, self.image_size, self.image_size, 3), np.uint8)
-        self._forward(warm)
-        self._explain(warm, np.int32(self._messy))
+        self.predict(warm)
+        self._explain(warm, np.int32(self._explained_class))
         log.info("loaded %s (%s), classes %s, %d px", self.version.uri, ",".join(self.version.aliases) or "no alias",
                  self.class_names, self.image_size)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities for a uint8 batch (n, size, size, 3), in steps small enough for the model."""
-        step = self._photos_per_step
-        return np.concatenate([self._forward(batch[i:i + step]).numpy() for i in range(0, len(batch), step)])
+        """Probabilities for a uint8 batch (n, size, size, 3), `photos_per_step` at a time."""
+        return self._predictor(batch)
+
+    @property
+    def photos_per_step(self) -> int:
+        """The most photos one forward step takes (fewer for multi-view models: bounded memory)."""
+        return self._predictor.step
 
     def explain(self, photo) -> tuple[np.ndarray, np.ndarray]:
         """`(probabilities, heat map in [0, 1])` for one RGB PIL photo; the map explains "messy"."""
         x = to_model_input(photo, self.image_size)[None]
-        probs, cam = self._explain(x, np.int32(self._messy))
+        probs, cam = self._explain(x, np.int32(self._explained_class))
         return probs.numpy()[0], cam.numpy()[0]
 
     def info(self) -> dict:

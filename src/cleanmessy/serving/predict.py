@@ -46,9 +46,10 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 def predict_files(served: ServedModel, files: list[Path], batch_size: int = 32,
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> pd.DataFrame:
-    """One row per file: path, label, one confidence column per class, error."""
+    """One row per file: path, label, one confidence column per class, error. Files are decoded a
+    forward step at a time (at most `batch_size`), so memory holds one step's photos."""
     rows: list[dict] = []
-    for chunk in _chunks(files, batch_size):
+    for chunk in _chunks(files, min(batch_size, served.photos_per_step)):
         arrays, ok_rows = [], []
         for path in chunk:
             row = {"path": str(path), "label": "", **{c: np.nan for c in served.class_names}, "error": ""}

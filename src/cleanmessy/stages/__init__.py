@@ -12,22 +12,17 @@ import dataclasses
 import importlib
 import os
 import sqlite3
-import uuid
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cleanmessy.errors import UserError
+from cleanmessy.errors import UndeclaredInput, UserError
 from cleanmessy.params import Params, load_params
 from cleanmessy.project import Paths, project_paths
-
-
-class UndeclaredInput(RuntimeError):
-    """A stage read a param or file that its dvc.yaml entry does not declare (a bug in dvc.yaml
-    or in the stage, not a user mistake)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,20 +102,26 @@ def check_local_store(db: Path) -> None:
                         "MLFLOW_TRACKING_URI to another store") from None
 
 
-TRACKING_STAGES = ("train", "evaluate", "plot", "cv")  # the stages that write to the MLflow store
+def check_store(paths: Paths) -> None:
+    """Before TensorFlow loads, so a bad store fails in seconds with one line: the tracking
+    server answers, or the project's own SQLite store can be written."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        check_tracking_server(uri)
+    else:
+        check_local_store(paths.mlruns / "mlflow.db")
+
+
+TRACKING_STAGES = ("train", "evaluate", "plot")  # the stages that write to the MLflow store
 
 
 def run_stage(stage: str) -> None:
-    """Run `cleanmessy <stage>` as dvc.yaml declares it. `cv` is no DVC stage: it sees everything."""
+    """Run `cleanmessy <stage>` as dvc.yaml declares it: only the params and files it lists."""
     paths = project_paths()
     params = load_params(paths.params)
-    if stage in TRACKING_STAGES:  # before TensorFlow loads: fail in seconds, with one line
-        check_tracking_server(os.environ.get("MLFLOW_TRACKING_URI"))
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            check_local_store(paths.mlruns / "mlflow.db")
+    if stage in TRACKING_STAGES:
+        check_store(paths)
     module = importlib.import_module(f"cleanmessy.stages.{stage}")
-    if stage != "cv":
-        declared = declaration(paths.root / "dvc.yaml", stage, params)
-        params = restrict_params(params, declared.params, stage)
-        paths = Paths(paths.root, declared=frozenset(declared.files), stage=stage)
-    module.main(paths, params)
+    declared = declaration(paths.root / "dvc.yaml", stage, params)
+    params = restrict_params(params, declared.params, stage)
+    module.main(Paths(paths.root, declared=frozenset(declared.files), stage=stage), params)

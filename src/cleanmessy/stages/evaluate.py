@@ -7,13 +7,10 @@ import contextlib
 import io
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
-import keras
 import mlflow
-import mlflow.artifacts
-import mlflow.keras
-import mlflow.models
 import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
@@ -21,8 +18,9 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, r
 from cleanmessy import tracking
 from cleanmessy.card import describe_data, render_card, wilson_interval
 from cleanmessy.errors import UserError
-from cleanmessy.inputs import image_read_errors, label_indices, make_dataset, manifest_hash, read_split
-from cleanmessy.models import photos_per_step  # (importing models registers its custom layers for loading)
+from cleanmessy.inference import Predictor, load_logged_model, load_model_file
+from cleanmessy.inputs import ModelSpec, label_indices, read_split
+from cleanmessy.lineage import LINEAGE_TAGS, manifest_hash
 from cleanmessy.params import Params, used_train_params
 from cleanmessy.project import Paths
 
@@ -96,110 +94,108 @@ def headline(test: dict[str, Any]) -> dict[str, Any]:
     return {name: None if test[key] is None else round(test[key], 6) for name, key in HEADLINE.items()}
 
 
-def predict_frame(model: keras.Model, frame: pd.DataFrame, root, class_names: list[str], image_size: int,
-                  batch_size: int) -> np.ndarray:
-    """Class probabilities for every image of a split frame."""
-    ds = make_dataset(frame, root, class_names, image_size, photos_per_step(model, batch_size))
-    with image_read_errors():
-        return model.predict(ds, verbose=0)
-
-
-def compare_with_production(name: str, test_frame: pd.DataFrame, correct: np.ndarray, root,
+def compare_with_production(name: str, test_frame: pd.DataFrame, correct: np.ndarray, root: Path,
                             class_names: list[str], batch_size: int) -> tracking.Comparison | None:
     """Score the production version (if any) on this version's test images that it never trained
     or validated on (by content hash), beside this version's score on the same images."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    production = tracking.alias_version(MlflowClient(), name, "production")
+    production = tracking.alias_version(MlflowClient(), name, tracking.PRODUCTION)
     if production is None:
         return None
     comparison = dict(production_version=str(production.version), n_test=len(test_frame), n_unseen=0,
                       candidate_correct=0, production_correct=0)
     uri = f"models:/{name}/{production.version}"
     try:  # downloaded once: its metadata here, its model below
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
-        meta = mlflow.models.Model.load(local).metadata or {}
-    except (OSError, MlflowException) as exc:
-        meta = {"error": str(exc)}
+        local, meta = tracking.download_version(uri)
+    except UserError as exc:
+        return tracking.Comparison(**comparison, incomparable=(
+            f"production version {production.version}'s model cannot be read here ({exc}), so the two cannot "
+            "be compared"))
     seen = tracking.training_images(production.run_id) if production.run_id else None
-    if "error" in meta or "image_size" not in meta:
-        comparison["incomparable"] = (f"production version {production.version}'s model cannot be read here "
-                                      f"({meta.get('error', 'no image_size in its metadata')}), so the two cannot "
-                                      "be compared")
-    elif seen is None:
+    if seen is None:
         comparison["incomparable"] = (f"production version {production.version} does not record its training "
                                       "images, so the two cannot be compared on the same images")
-    elif list(meta.get("class_names", [])) != class_names:
-        comparison["incomparable"] = (f"production version {production.version} tells {meta.get('class_names')} "
+    elif list(meta["class_names"]) != class_names:
+        comparison["incomparable"] = (f"production version {production.version} tells {meta['class_names']} "
                                       f"apart, this version {class_names}: they cannot be compared")
     else:
         unseen = ~test_frame["sha256"].isin(seen).to_numpy()
         comparison.update(n_unseen=int(unseen.sum()), candidate_correct=int(correct[unseen].sum()))
         if unseen.any():
             try:
-                with contextlib.redirect_stdout(io.StringIO()):  # MLflow's Keras loader prints progress bars
-                    other = mlflow.keras.load_model(local)
-            except (OSError, TypeError, ValueError, MlflowException) as exc:
+                other = load_logged_model(local, f"production version {production.version}")
+            except UserError as exc:
                 return tracking.Comparison(**{**comparison, "n_unseen": 0, "candidate_correct": 0, "incomparable": (
-                    f"production version {production.version} cannot be loaded here ({exc}), so the two cannot "
-                    "be compared")})
+                    f"{exc}, so the two cannot be compared")})
             rows = test_frame[unseen]
-            probs = predict_frame(other, rows, root, class_names, int(meta["image_size"]), batch_size)
+            probs = Predictor(other, int(meta["image_size"]), batch_size).predict_split(rows, root, class_names)
             comparison["production_correct"] = int((probs.argmax(axis=1) == label_indices(rows, class_names)).sum())
     return tracking.Comparison(**comparison)
 
 
-def main(paths: Paths, params: Params) -> None:
-    run = tracking.RunInfo.load(paths.run_info)
-    test_frame = read_split(paths.split_csv("test"))
-    name, min_acc = params.evaluate.model_name, params.evaluate.min_accuracy
-    report = json.loads(paths.ingest_report.read_text())
-    training_data = describe_data(report)
-    data = {**training_data, "source": report["source"], "manifest_sha256": manifest_hash(paths.manifest),
+def card_data(paths: Paths, report: dict[str, Any]) -> dict[str, Any]:
+    """What the model card says about the data: the training data described, its source, the
+    manifest's hash and the size of each split."""
+    return {**describe_data(report), "source": report["source"], "manifest_sha256": manifest_hash(paths.manifest),
             "split_sizes": {s: len(read_split(paths.split_csv(s))) for s in ("train", "val", "test")}}
-    experiment_id = tracking.setup(paths)
-    run_id = tracking.training_run_id(paths, experiment_id)
+
+
+def log_and_register(model, spec: ModelSpec, test_frame: pd.DataFrame, root: Path, test: dict[str, Any],
+                     correct: np.ndarray, card: str, run_id: str, params: Params,
+                     training_data: dict[str, Any]) -> tracking.Promotion:
+    """Into the active (training) run: the test metrics, the card and the model; then register the
+    model as a new version, promoted as `decide_production` says."""
+    name, min_acc = params.evaluate.model_name, params.evaluate.min_accuracy
+    mlflow.log_metrics(mlflow_metrics(test))
+    mlflow.log_dict({"test": test}, "evaluation.json")
+    mlflow.log_text(card, "model_card.md")
+    comparison = compare_with_production(name, test_frame, correct, root, spec.class_names, params.train.batch_size)
+    example = to_model_input_batch(test_frame, root, spec.image_size)
+    with contextlib.redirect_stdout(io.StringIO()):  # MLflow's signature check prints progress bars
+        info = tracking.log_keras_model(model, example, model.predict(example, verbose=0),
+                                        {"class_names": spec.class_names, "image_size": spec.image_size,
+                                         "min_side": params.ingest.min_side, "training_data": training_data},
+                                        extra_files={"model_card.md": card})
+    run_tags = mlflow.get_run(run_id).data.tags  # only the lineage: not an earlier evaluate's results
+    tags = {"class_names": ",".join(spec.class_names), "min_accuracy": str(min_acc), "test_images": str(test["n"]),
+            "data_kind": training_data["kind"], **{k: v for k, v in run_tags.items() if k in LINEAGE_TAGS}}
+    promotion = tracking.register_and_promote(info, name, run_id, test["accuracy"], min_acc, comparison, tags, card)
+    mlflow.set_tags({"registered_version": promotion.version, "promotion": promotion.reason})
+    return promotion
+
+
+def main(paths: Paths, params: Params) -> None:
+    spec = ModelSpec.load(paths.run_info)
+    test_frame = read_split(paths.split_csv("test"))
+    data = card_data(paths, json.loads(paths.ingest_report.read_text()))
+    training_data = {k: data[k] for k in ("kind", "description", "n_images", "classes")}
+    model = load_model_file(paths.model)
     # All in the training run: if anything fails, MLflow marks the run FAILED and nothing is registered.
-    with mlflow.start_run(run_id=run_id):
-        try:
-            model = keras.models.load_model(paths.model)
-        except (OSError, TypeError, ValueError) as exc:
-            raise UserError(f"cannot load {paths.model}: {exc}; run `cleanmessy train` (or `dvc repro`)") from None
-        probs = predict_frame(model, test_frame, paths.root, run.class_names, run.image_size, params.train.batch_size)
-        y_true = label_indices(test_frame, run.class_names)
-        test = compute_metrics(y_true, probs, run.class_names)
+    with tracking.resume_training_run(paths) as run_id:
+        probs = Predictor(model, spec.image_size, params.train.batch_size).predict_split(test_frame, paths.root,
+                                                                                        spec.class_names)
+        y_true = label_indices(test_frame, spec.class_names)
+        test = compute_metrics(y_true, probs, spec.class_names)
         log.info("evaluate: test accuracy %.4f [%.4f, %.4f] on %d images, loss %.4f", test["accuracy"],
                  test["accuracy_ci95_low"], test["accuracy_ci95_high"], test["n"], test["loss"])
-        mlflow.log_metrics(mlflow_metrics(test))
-        mlflow.log_dict({"test": test}, "evaluation.json")
-        card = render_card(name, data, {"base.image_size": run.image_size, **used_train_params(params.train)}, test)
-        mlflow.log_text(card, "model_card.md")
-        comparison = compare_with_production(name, test_frame, probs.argmax(axis=1) == y_true, paths.root,
-                                             run.class_names, params.train.batch_size)
-        example = to_model_input_batch(test_frame, paths.root, run.image_size)
-        with contextlib.redirect_stdout(io.StringIO()):  # MLflow's signature check prints progress bars
-            info = tracking.log_keras_model(model, example, model.predict(example, verbose=0),
-                                            {"class_names": run.class_names, "image_size": run.image_size,
-                                             "min_side": params.ingest.min_side, "training_data": training_data},
-                                            extra_files={"model_card.md": card})
-        run_tags = mlflow.get_run(run_id).data.tags  # only the lineage: not an earlier evaluate's results
-        tags = {"class_names": ",".join(run.class_names), "min_accuracy": str(min_acc), "test_images": str(test["n"]),
-                "data_kind": data["kind"], **{k: v for k, v in run_tags.items() if k in tracking.LINEAGE_TAGS}}
-        promotion = tracking.register_and_promote(info, name, run_id, test["accuracy"], min_acc, comparison, tags, card)
-        mlflow.set_tags({"registered_version": promotion.version, "promotion": promotion.reason})
+        card = render_card(params.evaluate.model_name, data,
+                           {"base.image_size": spec.image_size, **used_train_params(params.train)}, test)
+        promotion = log_and_register(model, spec, test_frame, paths.root, test, probs.argmax(axis=1) == y_true,
+                                     card, run_id, params, training_data)
     paths.metrics.write_text(json.dumps(headline(test), indent=2) + "\n")
     paths.evaluation.write_text(json.dumps({"test": test}, indent=2) + "\n")
-    prediction_frame(test_frame, probs, run.class_names).to_csv(paths.predictions, index=False)
+    prediction_frame(test_frame, probs, spec.class_names).to_csv(paths.predictions, index=False)
     # Nothing run-specific here (no version, run id or model hash): the file only has to exist, so
     # switching revisions (`dvc exp apply`) does not register the same model again (Paths.registered).
-    paths.registered.write_text(json.dumps({"registered_model": name}) + "\n")
-    aliases = [a for a, on in (("staging", promotion.staging), ("production", promotion.production)) if on]
-    log.info("evaluate: registered %s version %s (%s); %s", name, promotion.version,
+    paths.registered.write_text(json.dumps({"registered_model": params.evaluate.model_name}) + "\n")
+    aliases = [alias for alias, on in ((tracking.STAGING, promotion.staging),
+                                       (tracking.PRODUCTION, promotion.production)) if on]
+    log.info("evaluate: registered %s version %s (%s); %s", params.evaluate.model_name, promotion.version,
              ", ".join(aliases) or "no alias", promotion.reason)
 
 
-def to_model_input_batch(frame: pd.DataFrame, root, image_size: int) -> np.ndarray:
+def to_model_input_batch(frame: pd.DataFrame, root: Path, image_size: int) -> np.ndarray:
     """The first test image as a batch of one: the logged model's input example."""
     from cleanmessy.images import load_for_model
 

@@ -107,7 +107,7 @@ def locate(rel: PurePosixPath) -> tuple[str, str] | None:
     return rel.parts[-2], split
 
 
-def inspect(rel: str, label: str, split: str, data: bytes, params: IngestParams) -> Accepted | Rejected:
+def check_file(rel: str, label: str, split: str, data: bytes, params: IngestParams) -> Accepted | Rejected:
     """Decode one file fully and decide whether it goes in."""
     try:
         _, info = open_rgb(data, min_side=params.min_side, max_pixels=params.max_pixels)
@@ -360,7 +360,7 @@ def run_ingest(files: Iterable[tuple[str | PurePosixPath, Reader]], params: Inge
             skipped.append(name)
         else:
             try:
-                outcome = inspect(name, *where, read(), params)
+                outcome = check_file(name, *where, read(), params)
             except Refused as exc:
                 outcome = Rejected(name, where[0], exc.reason, str(exc))
             (accepted if isinstance(outcome, Accepted) else rejected).append(outcome)

@@ -8,24 +8,23 @@ import logging
 import math
 from pathlib import Path
 
-import matplotlib
+import mlflow
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+# Figures are built with matplotlib's object API, not pyplot: no GUI backend to choose, no global
+# figure list to close, and `Figure.savefig` renders PNGs with Agg on any machine.
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from cleanmessy import tracking  # noqa: E402
-from cleanmessy.errors import UserError  # noqa: E402
-from cleanmessy.images import open_rgb  # noqa: E402
-from cleanmessy.inputs import read_split  # noqa: E402
-from cleanmessy.params import Params, PlotParams  # noqa: E402
-from cleanmessy.project import Paths  # noqa: E402
+from cleanmessy import tracking
+from cleanmessy.errors import UserError
+from cleanmessy.images import open_rgb
+from cleanmessy.inputs import read_split
+from cleanmessy.params import Params, PlotParams
+from cleanmessy.project import Paths
 
 log = logging.getLogger(__name__)
-Figure = matplotlib.figure.Figure
 
 # `dvc plots show` lays figures out in a 1280-px page: 12 in is 1200 px at the default plot.dpi 100.
 MAX_WIDTH_IN = 12.0
@@ -50,7 +49,7 @@ def _showing(shown: int, total: int) -> str:
 
 def message_figure(title: str, text: str) -> Figure:
     """A short, wide figure with a title and a line of text, for a grid with nothing to show."""
-    fig = plt.figure(figsize=(MIN_GRID_WIDTH_IN, 2.0), layout="constrained")
+    fig = Figure(figsize=(MIN_GRID_WIDTH_IN, 2.0), layout="constrained")
     fig.suptitle(title)
     ax = fig.add_subplot()
     ax.axis("off")
@@ -67,7 +66,8 @@ def image_grid(root: Path, rows: pd.DataFrame, titles: list[str], colours: list[
     n_rows, n_cols = _grid(len(rows))
     size = (max(MIN_GRID_WIDTH_IN, CELL_IN * n_cols), TITLE_IN + ROW_IN * n_rows)
     # Constrained layout reserves each caption's height, which tight_layout did not between rows.
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=size, squeeze=False, layout="constrained")
+    fig = Figure(figsize=size, layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, path, title, colour in zip(axes.flat, rows["path"], titles, colours):
@@ -89,7 +89,8 @@ def sample_grid(root: Path, train: pd.DataFrame, n: int, seed: int) -> Figure:
 
 def training_curves(history: pd.DataFrame) -> Figure:
     """Train and val loss and accuracy per epoch; the kept epoch (lowest val loss) marked."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
     best = history["epoch"][history["val_loss"].idxmin()]
     for ax, metric in zip(axes, ("loss", "accuracy")):
         ax.plot(history["epoch"], history[f"train_{metric}"], "o-", label=f"train {metric}")
@@ -111,7 +112,8 @@ def confusion_figure(test_metrics: dict) -> Figure:
     matrix = np.array([[cm[a][p] for p in names] for a in names])
     width, height = 1.6 * len(names) + 2, 1.6 * len(names) + 1.5
     scale = min(1.0, MAX_WIDTH_IN / width)  # many classes: shrink, keeping the cells square
-    fig, ax = plt.subplots(figsize=(width * scale, height * scale), layout="constrained")
+    fig = Figure(figsize=(width * scale, height * scale), layout="constrained")
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     for i in range(len(names)):
         for j in range(len(names)):
@@ -176,9 +178,7 @@ def main(paths: Paths, params: Params) -> None:
     for name, fig in figures.items():
         files.append(paths.plots / name)
         fig.savefig(files[-1], dpi=params.plot.dpi)
-        plt.close(fig)
-    run_id = tracking.training_run_id(paths, tracking.setup(paths))
-    with mlflow.start_run(run_id=run_id):
+    with tracking.resume_training_run(paths) as run_id:
         for file in files:  # at the artifact root, where MLflow's run-compare view shows images side by side
             mlflow.log_artifact(str(file))
     paths.figures_logged.write_text(json.dumps({"figures": sorted(figures)}) + "\n")  # see Paths.registered

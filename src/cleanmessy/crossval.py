@@ -1,5 +1,5 @@
-"""cv: repeated stratified k-fold cross-validation of the `train.*` configuration on all ingested
-images -> pipeline/cv.json; one MLflow parent run with a child run per fold.
+"""`cleanmessy cv`: repeated stratified k-fold cross-validation of the `train.*` configuration on
+all ingested images -> pipeline/cv.json; one MLflow parent run with a child run per fold.
 
 Test sets of 10-30 photos swing 5-10 points per image; the mean over k folds x r repeats, with
 its 95 % interval, is the figure to compare configurations by. Not a `dvc repro` stage: it trains
@@ -20,11 +20,14 @@ from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
 from cleanmessy import tracking
 from cleanmessy.card import wilson_interval
 from cleanmessy.errors import UserError
-from cleanmessy.inputs import image_read_errors, label_indices, make_dataset, manifest_hash
-from cleanmessy.models import build_model, fine_tunes, photos_per_step
+from cleanmessy.images import load_for_model
+from cleanmessy.inference import Predictor
+from cleanmessy.inputs import label_indices
+from cleanmessy.lineage import lineage_tags, manifest_hash
+from cleanmessy.models import build_model, fine_tunes
 from cleanmessy.params import Params, used_train_params
 from cleanmessy.project import Paths
-from cleanmessy.stages.train import train_model
+from cleanmessy.training import train_model
 
 log = logging.getLogger(__name__)
 
@@ -50,29 +53,30 @@ def summarize(fold_accuracies: list[float], n_images: int) -> dict[str, float]:
     folds would understate the uncertainty)."""
     mean = float(np.mean(fold_accuracies))
     low, high = wilson_interval(round(mean * n_images), n_images)
-    return {"accuracy_mean": mean, "accuracy_std": float(np.std(fold_accuracies, ddof=1)) if len(fold_accuracies) > 1 else 0.0,
+    std = float(np.std(fold_accuracies, ddof=1)) if len(fold_accuracies) > 1 else 0.0
+    return {"accuracy_mean": mean, "accuracy_std": std,
             "accuracy_ci95_low": low, "accuracy_ci95_high": high, "folds_run": len(fold_accuracies),
             "n_images": n_images}
 
 
-def inference_speed(model, frame: pd.DataFrame, paths: Paths, image_size: int, batch_size: int) -> float:
-    """Images per second through the compiled forward pass (decoding excluded), best of 3."""
-    import tensorflow as tf
-
-    from cleanmessy.images import load_for_model
-
-    batch = np.stack([load_for_model(paths.root / p, image_size) for p in frame["path"]])
-    forward = tf.function(lambda x: model(x, training=False))
-    chunks = [batch[i:i + batch_size] for i in range(0, len(batch), batch_size)]
-    for chunk in chunks:
-        forward(chunk)  # trace once per shape
-    best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
-        for chunk in chunks:
-            forward(chunk).numpy()
-        best = min(best, time.perf_counter() - started)
-    return len(batch) / best
+def run_fold(fit_rows: pd.DataFrame, val_rows: pd.DataFrame, test_rows: pd.DataFrame, class_names: list[str],
+             paths: Paths, params: Params) -> dict[str, float]:
+    """Train `train.*` on one fold and score it on the fold's test rows: accuracy, training time,
+    epochs, and the forward pass's speed on those rows (decoding excluded)."""
+    b, p = params.base, params.train
+    started = time.perf_counter()
+    if p.head == "logistic" and not fine_tunes(p):
+        # no early stopping to feed: the val part trains too (it is still only reported)
+        fit_rows = pd.concat([fit_rows, val_rows])
+    model = build_model(len(class_names), b.image_size, p, b.seed)
+    history = train_model(model, fit_rows, val_rows, paths.root, class_names, b.image_size, p, b.seed)
+    seconds = time.perf_counter() - started
+    predictor = Predictor(model, b.image_size, p.batch_size)
+    probs = predictor.predict_split(test_rows, paths.root, class_names)
+    batch = np.stack([load_for_model(paths.root / path, b.image_size) for path in test_rows["path"]])
+    return {"accuracy": float(np.mean(probs.argmax(1) == label_indices(test_rows, class_names))),
+            "train_seconds": seconds, "epochs_run": len(history), "n_train": len(fit_rows), "n_test": len(test_rows),
+            "infer_images_per_s": predictor.photos_per_second(batch)}
 
 
 def main(paths: Paths, params: Params) -> dict:
@@ -82,8 +86,8 @@ def main(paths: Paths, params: Params) -> dict:
         raise UserError(f"{paths.manifest} not found: run `dvc repro ingest` first") from None
     b, p, c = params.base, params.train, params.cv
     class_names = sorted(manifest["label"].unique())
-    experiment_id = tracking.setup(paths)
-    tags = {**tracking.lineage_tags(paths, manifest_hash(paths.manifest), params.ingest.source), "kind": "cv"}
+    experiment_id = tracking.open_experiment(paths)
+    tags = {**lineage_tags(paths.root, manifest_hash(paths.manifest), params.ingest.source), "kind": "cv"}
     results: list[dict] = []
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"cv-{p.arch}", tags=tags) as parent:
         mlflow.log_params({"base.seed": b.seed, "base.image_size": b.image_size, "ingest.source": params.ingest.source,
@@ -92,32 +96,21 @@ def main(paths: Paths, params: Params) -> dict:
                                                                       params.split.val_fraction, b.seed):
             with mlflow.start_run(experiment_id=experiment_id, run_name=f"fold-{repeat}.{fold}", nested=True,
                                   tags={"kind": "cv_fold"}):
-                started = time.perf_counter()
-                if p.head == "logistic" and not fine_tunes(p):
-                    # no early stopping to feed: the val part trains too (it is still only reported)
-                    fit_rows = pd.concat([fit_rows, val_rows])
-                model = build_model(len(class_names), b.image_size, p, b.seed)
-                history = train_model(model, fit_rows, val_rows, paths.root, class_names, b.image_size, p, b.seed,
-                                      log_to_mlflow=False)
-                seconds = time.perf_counter() - started
-                ds = make_dataset(test_rows, paths.root, class_names, b.image_size, photos_per_step(model, p.batch_size))
-                with image_read_errors():
-                    probs = model.predict(ds, verbose=0)
-                accuracy = float(np.mean(probs.argmax(1) == label_indices(test_rows, class_names)))
-                mlflow.log_params({"repeat": repeat, "fold": fold, "n_train": len(fit_rows), "n_test": len(test_rows)})
-                mlflow.log_metrics({"test_accuracy": accuracy, "train_seconds": seconds, "epochs_run": len(history)})
-            results.append({"repeat": repeat, "fold": fold, "accuracy": accuracy, "train_seconds": seconds,
-                            "n_test": len(test_rows), "epochs_run": len(history)})
-            log.info("cv: repeat %d fold %d: accuracy %.4f (%d test images), %.1f s", repeat, fold, accuracy,
-                     len(test_rows), seconds)
+                result = run_fold(fit_rows, val_rows, test_rows, class_names, paths, params)
+                mlflow.log_params({"repeat": repeat, "fold": fold, "n_train": result["n_train"],
+                                   "n_test": result["n_test"]})
+                mlflow.log_metrics({"test_accuracy": result["accuracy"], "train_seconds": result["train_seconds"],
+                                    "epochs_run": result["epochs_run"]})
+            results.append({"repeat": repeat, "fold": fold, **result})
+            log.info("cv: repeat %d fold %d: accuracy %.4f (%d test images), %.1f s", repeat, fold, result["accuracy"],
+                     result["n_test"], result["train_seconds"])
         summary = summarize([r["accuracy"] for r in results], len(manifest))
         summary["train_seconds_mean"] = float(np.mean([r["train_seconds"] for r in results]))
-        summary["infer_images_per_s"] = inference_speed(model, test_rows, paths, b.image_size,
-                                                        photos_per_step(model, p.batch_size))
+        summary["infer_images_per_s"] = float(np.median([r["infer_images_per_s"] for r in results]))
         mlflow.log_metrics({f"cv_{k}": v for k, v in summary.items()})
         report = {"arch": p.arch, "summary": summary, "folds": results, "run_id": parent.info.run_id}
         mlflow.log_dict(report, "cv.json")
-    paths.root.joinpath("pipeline").mkdir(exist_ok=True)
+    paths.cv_report.parent.mkdir(parents=True, exist_ok=True)
     paths.cv_report.write_text(json.dumps(report, indent=2) + "\n")
     log.info("cv: %s accuracy %.4f, 95%% interval [%.4f, %.4f] over %d folds; %.1f s training per fold",
              p.arch, summary["accuracy_mean"], summary["accuracy_ci95_low"], summary["accuracy_ci95_high"],

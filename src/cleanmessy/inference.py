@@ -1,0 +1,84 @@
+"""Loading a trained model and running it, for evaluate, cv, predict and the app alike: one
+loader (custom layers passed explicitly, one error mapping) and one `Predictor` (the compiled
+forward pass, in steps sized once for the model)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+
+from cleanmessy.errors import UserError
+from cleanmessy.inputs import image_read_errors, make_dataset
+from cleanmessy.layers import CUSTOM_OBJECTS
+from cleanmessy.models import PASSES_PER_STEP, photos_per_step
+
+# What Keras raises on a file that is not a loadable model: OSError (missing, not a zip),
+# ValueError (a bad config), TypeError (a layer refusing its config).
+LOAD_ERRORS = (OSError, TypeError, ValueError)
+
+
+def load_model_file(path: Path) -> keras.Model:
+    """The pipeline's model file (pipeline/model.keras)."""
+    try:
+        return keras.saving.load_model(path, custom_objects=CUSTOM_OBJECTS)
+    except LOAD_ERRORS as exc:
+        raise UserError(f"cannot load {path}: {exc}; run `cleanmessy train` (or `dvc repro`)") from None
+
+
+def load_logged_model(local: Path, name: str) -> keras.Model:
+    """A model logged to MLflow by evaluate, downloaded to `local`; `name` says which in errors."""
+    import mlflow.keras
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # MLflow's Keras loader prints progress bars
+            return mlflow.keras.load_model(str(local), custom_objects=CUSTOM_OBJECTS)
+    except (*LOAD_ERRORS, MlflowException) as exc:
+        raise UserError(f"cannot load {name}: {exc}") from None
+
+
+class Predictor:
+    """Class probabilities from a model that takes uint8 RGB at `image_size`: one compiled
+    forward pass, run in steps of at most `max_photos` photos (fewer for multi-view models, so a
+    step holds at most PASSES_PER_STEP backbone passes' activations)."""
+
+    def __init__(self, model: keras.Model, image_size: int, max_photos: int = PASSES_PER_STEP) -> None:
+        import tensorflow as tf
+
+        self.model, self.image_size = model, image_size
+        self.step = photos_per_step(model, max_photos)
+        self._forward = tf.function(
+            lambda x: model(x, training=False),
+            input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)],
+        )
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities for a uint8 batch (n, size, size, 3)."""
+        if not len(batch):
+            return np.zeros((0, self.model.output_shape[-1]), np.float32)
+        return np.concatenate([self._forward(batch[i:i + self.step]).numpy()
+                               for i in range(0, len(batch), self.step)])
+
+    def predict_split(self, frame: pd.DataFrame, root: Path, class_names: list[str]) -> np.ndarray:
+        """Probabilities for every image of a split frame (paths relative to `root`), decoded by
+        the training input pipeline; an unreadable image is a one-line UserError."""
+        dataset = make_dataset(frame, root, class_names, self.image_size, self.step)
+        with image_read_errors():
+            return np.concatenate([self._forward(images).numpy() for images, _ in dataset])
+
+    def photos_per_second(self, batch: np.ndarray, rounds: int = 3) -> float:
+        """Throughput of the forward pass alone (no decoding) on `batch`, best of `rounds`, after
+        a first pass that traces and warms up."""
+        self(batch)
+        best = float("inf")
+        for _ in range(rounds):
+            started = time.perf_counter()
+            self(batch)
+            best = min(best, time.perf_counter() - started)
+        return len(batch) / best
