@@ -14,12 +14,19 @@ Writes bench/results/serve.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -29,8 +36,40 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import serving  # noqa: E402  (the same real-server helper the tests use)
+CLEANMESSY = Path(sys.executable).parent / "cleanmessy"  # the CLI of the environment running this
+
+
+@contextlib.contextmanager
+def serving(project: Path, log: Path, *args: str, timeout: float = 180) -> Iterator[str]:
+    """`cleanmessy serve` as a user starts it, on a free loopback port; yields its URL once it
+    answers, stops it (its whole process group) after. Its console goes to `log`."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/"
+    with log.open("w") as out:
+        process = subprocess.Popen([str(CLEANMESSY), "serve", "--port", str(port), *args], cwd=project, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                sys.exit(f"cleanmessy serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                sys.exit(f"{url} did not answer within {timeout:.0f} s; see {log}")
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    break
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -97,7 +136,7 @@ def main() -> None:
     raw_forward = percentiles(time_calls(lambda: served.predict(x), args.requests))
     raw_explain = percentiles(time_calls(lambda: served.explain(pil), args.requests))
     noop = noop_round_trip(photo, args.requests)
-    with serving(ROOT, "--stage", args.stage) as url:
+    with serving(ROOT, work / "serve.log", "--stage", args.stage) as url:
         client = Client(url, verbose=False)
         app = percentiles(time_calls(lambda: client.predict(handle_file(photo), api_name="/predict"), args.requests))
         # The same call without fetching the heat-map file: the label alone, as an API user may want.

@@ -26,7 +26,7 @@ from sklearn.model_selection import RepeatedStratifiedKFold
 from cleanmessy.crossval import summarize
 from cleanmessy.images import load_for_model
 from cleanmessy.layers import RegionPool, view_boxes
-from cleanmessy.models import build_model
+from cleanmessy.models import POOL, VIEW_FEATURES, VIEWS, build_model
 from cleanmessy.params import parse_params
 from cleanmessy.training import fit_logistic
 
@@ -43,8 +43,8 @@ def feature_maps(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
     """(photos, passes, h, w, c): the backbone's last feature maps of each photo (and mirror)."""
     import keras
 
-    passes = model.get_layer("views").n_passes
-    maps = keras.Model(model.inputs, model.get_layer("pool").input)
+    passes = model.get_layer(VIEWS).n_passes
+    maps = keras.Model(model.inputs, model.get_layer(POOL).input)
     out = [maps.predict(images[i:i + batch], verbose=0) for i in range(0, len(images), batch)]
     return np.concatenate([m.reshape(passes, -1, *m.shape[1:]).swapaxes(0, 1) for m in out])
 
@@ -102,7 +102,7 @@ def main() -> None:
     large = np.stack([load_for_model(f, 299) for f in files]).astype("float32")
     boxes = tf.constant(view_boxes([(0.8, 2), (0.6, 3)]), tf.float32)
     plain = build_model(2, 224, parse_params({"train": train}).train, seed=0)
-    features = keras.Model(plain.inputs, plain.get_layer("view_features").output)
+    features = keras.Model(plain.inputs, plain.get_layer(VIEW_FEATURES).output)
     started = time.perf_counter()
     crops = []
     for image in large:

@@ -1,14 +1,22 @@
-"""Shared fixtures: a throw-away copy of the project, run with the real tools (dvc, MLflow)."""
+"""Shared fixtures: throw-away copies of the project, run with the real tools (dvc, MLflow).
+
+`tiny_project` is the one project of the session on which the real `dvc repro` has run: tests only
+read it (the session checks at its end that nothing in it changed). A test that changes anything
+(params, files, a `dvc repro` or `dvc exp run`, an evaluate, new MLflow runs or versions) takes
+`own_project`, a private copy of it, so no test depends on another's order or clean-up."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -96,11 +104,68 @@ def copy_project(dest: Path, params: dict | None = None, sample: dict | None = N
     return dest
 
 
+# What reading a project writes: DVC's lock files, and the registered_model_meta (name and version)
+# that MLflow writes into a local store's model folder whenever a registered model is loaded from it
+# (ModelsArtifactRepository.download_artifacts returns the store's own folder, not a copy).
+def _written_by_reads(name: Path) -> bool:
+    return name.is_relative_to(".dvc/tmp") or (name.is_relative_to("mlruns") and name.name == "registered_model_meta")
+
+
+def fingerprint(project: Path) -> dict[str, str]:
+    """sha256 of every file in a project, except what reading it writes."""
+    return {str(path.relative_to(project)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(project.rglob("*"))
+            if path.is_file() and not path.is_symlink() and not _written_by_reads(path.relative_to(project))}
+
+
 @pytest.fixture(scope="session")
-def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    """A project copy on which the real `dvc repro` has run once with tiny params."""
+def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, subprocess.CompletedProcess]]:
+    """A project copy on which the real `dvc repro` has run once with tiny params; read-only. Tests
+    that change a project take `own_project`. At the end of the session, any file that a test
+    changed, added or removed here is an error."""
     project = copy_project(tmp_path_factory.mktemp("project"))
-    return project, run(["dvc", "repro"], project)
+    result = run(["dvc", "repro"], project)
+    before = fingerprint(project)
+    yield project, result
+    after = fingerprint(project)
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert not changed, f"tests changed the read-only tiny_project (use own_project): {changed[:20]}"
+
+
+def clone_project(source: Path, dest: Path) -> Path:
+    """A private copy of a project that has run: workspace, git repository, DVC cache and the local
+    MLflow store. The store holds absolute locations under the source's mlruns/ (experiments'
+    artifact_location, runs' artifact_uri, logged models' and model versions' storage locations,
+    each MLmodel's artifact_path, and pipeline/mlflow_run.json's store URI): left as they are, the
+    copy would read the source's artifacts and log new ones into it. They are moved to the copy."""
+    shutil.copytree(source, dest, symlinks=True,
+                    ignore=lambda folder, names: ["tmp"] if Path(folder) == source / ".dvc" else [])
+    moves = [(source.as_uri() + "/", dest.as_uri() + "/"), (f"{source}/", f"{dest}/")]
+    with contextlib.closing(sqlite3.connect(dest / "mlruns" / "mlflow.db")) as db, db:
+        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for column in [row[1] for row in db.execute(f'PRAGMA table_info("{table}")')]:
+                for old, new in moves:
+                    db.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                               f'WHERE typeof("{column}") = \'text\' AND instr("{column}", ?) > 0', (old, new, old))
+    others = [p for p in (dest / "mlruns").rglob("*") if p.is_file() and p.name != "mlflow.db"]
+    for path in [*others, dest / "pipeline" / "mlflow_run.json"]:
+        data = path.read_bytes() if path.is_file() else b""
+        if str(source).encode() in data:
+            text = data.decode()  # a binary file naming the source's path would need more than this
+            for old, new in moves:
+                text = text.replace(old, new)
+            path.write_text(text)
+    return dest
+
+
+@pytest.fixture
+def own_project(tiny_project, tmp_path: Path) -> Path:
+    """A private copy of `tiny_project` (its `dvc repro` done, model registered) for a test that
+    changes anything: params, files, `dvc repro`/`dvc exp run`, evaluate, new MLflow runs or
+    versions. A copy takes well under a second; a repro takes most of a minute."""
+    source, _ = tiny_project
+    return clone_project(source, tmp_path / "project")
 
 
 def free_port() -> int:
@@ -146,13 +211,15 @@ def server(cmd: list[str] | str, cwd: Path, log: Path, ready_url: str, env: dict
 
 
 @contextlib.contextmanager
-def serving(project: Path, *args: str, **extra_env: str) -> Iterator[str]:
-    """A real `cleanmessy serve` on a free loopback port; yields its URL, stops it after."""
+def serving(project: Path, *args: str, log: Path | None = None, **extra_env: str) -> Iterator[str]:
+    """A real `cleanmessy serve` in `project` on a free loopback port; yields its URL, stops it
+    after. Its console goes to `log`, else to a temporary file; never into the project."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    with server(["cleanmessy", "serve", "--port", str(port), *args], project, project / f"serve-{port}.log", url,
-                env=tool_env(**extra_env)):
-        yield url
+    with tempfile.TemporaryDirectory(prefix="serve-") as folder:
+        with server(["cleanmessy", "serve", "--port", str(port), *args], project, log or Path(folder) / "serve.log",
+                    url, env=tool_env(**extra_env)):
+            yield url
 
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `make test` installs it (Playwright downloads no browser)

@@ -1,6 +1,8 @@
 """The real pipeline: `dvc repro` on a fresh copy of the project, with tiny params, checked through
-DVC's own commands and the real MLflow store it writes. Tests run in file order on one project
-copy; each test that changes the copy says so."""
+DVC's own commands and the real MLflow store it writes. Tests that only read take `tiny_project`
+(one repro for the session); every test that changes a project (params, files, a repro or
+experiment, evaluate, cv) takes `own_project`, its private copy of that repro'd project, so the
+tests pass in any order and alone."""
 
 from __future__ import annotations
 
@@ -133,9 +135,9 @@ def test_registered_model_loads_and_predicts_like_the_pipeline(tiny_project):
     assert probs[:, 1] == pytest.approx(preds["p_messy"].to_numpy(), abs=1e-5)
 
 
-def test_second_repro_reruns_nothing(tiny_project):
-    """Nothing changed, so nothing runs."""
-    project, _ = tiny_project
+def test_second_repro_reruns_nothing(own_project):
+    """Nothing changed, so nothing runs (also in a copy of the workspace: DVC compares content)."""
+    project = own_project
     result = run(["dvc", "repro"], project)
     assert ran(result.stdout) == []
     assert "Data and pipelines are up to date" in result.stdout
@@ -154,9 +156,9 @@ def test_dvc_metrics_show_reads_the_headline_metrics_at_100_columns(tiny_project
     assert "ci95_high" in table
 
 
-def test_plot_param_change_reruns_only_plot(tiny_project):
+def test_plot_param_change_reruns_only_plot(own_project):
     """Changes plot.dpi: only the plot stage runs again, and `dvc params diff` shows the change."""
-    project, _ = tiny_project
+    project = own_project
     set_params(project, {"plot": {"dpi": 60}})
     result = run(["dvc", "repro"], project)
     assert ran(result.stdout) == ["plot"]
@@ -164,59 +166,53 @@ def test_plot_param_change_reruns_only_plot(tiny_project):
     assert (diff["params.yaml"]["plot.dpi"]["old"], diff["params.yaml"]["plot.dpi"]["new"]) == (100, 60)
 
 
-def test_source_change_is_noticed_by_dvc(tiny_project):
-    """Editing the source (here: the sample recipe) marks ingest as changed, params untouched."""
-    project, _ = tiny_project
+def test_source_change_is_noticed_by_dvc(own_project):
+    """Editing the source (here: the sample recipe) marks ingest as changed, params untouched;
+    putting the recipe back makes it up to date again (DVC compares content, not times)."""
+    project = own_project
     recipe = project / "data/sample/sample.yaml"
     original = recipe.read_text()
     recipe.write_text(yaml.safe_dump({**yaml.safe_load(original), "seed": 1}))
-    try:
-        status = json.loads(run(["dvc", "status", "--json"], project).stdout)
-        assert "ingest" in status
-    finally:
-        recipe.write_text(original)
+    status = json.loads(run(["dvc", "status", "--json"], project).stdout)
+    assert "ingest" in status
+    recipe.write_text(original)
     assert "ingest" not in json.loads(run(["dvc", "status", "--json"], project).stdout)
 
 
-def test_bad_params_give_a_message_naming_the_key(tiny_project):
+def test_bad_params_give_a_message_naming_the_key(own_project):
     """A typo in params.yaml stops the stage with a message naming the key, no traceback."""
-    project, _ = tiny_project
+    project = own_project
     params = project / "params.yaml"
-    original = params.read_text()
-    params.write_text(re.sub(r"(?m)^  epochs: 1$", "  epochs: ten", original))
-    try:
-        result = run(["cleanmessy", "train"], project, check=False)
-    finally:
-        params.write_text(original)
+    typo = re.sub(r"(?m)^  epochs: 1$", "  epochs: ten", params.read_text())
+    assert "epochs: ten" in typo
+    params.write_text(typo)
+    result = run(["cleanmessy", "train"], project, check=False)
     assert result.returncode == 2
     assert "train.epochs must be int" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_failed_evaluate_registers_nothing(tiny_project):
+def test_failed_evaluate_registers_nothing(own_project):
     """An unreadable test image fails evaluate with a clear message; no version is registered
-    and the run is marked failed. The image is restored afterwards."""
-    project, _ = tiny_project
+    and the run is marked failed."""
+    project = own_project
     mlflow_client = client(project)
-    before = len(mlflow_client.search_model_versions(f"name='{MODEL}'"))
+    assert len(mlflow_client.search_model_versions(f"name='{MODEL}'")) == 1
     image = project / pd.read_csv(project / "data/splits/test.csv")["path"][0]
     data = image.read_bytes()
     image.write_bytes(data[: len(data) // 3])
-    try:
-        result = run(["cleanmessy", "evaluate"], project, check=False)
-    finally:
-        image.write_bytes(data)
+    result = run(["cleanmessy", "evaluate"], project, check=False)
     assert result.returncode == 2, result.stderr
     assert "unreadable image" in result.stderr and image.name in result.stderr
     assert "Traceback" not in result.stderr
-    assert len(mlflow_client.search_model_versions(f"name='{MODEL}'")) == before
+    assert len(mlflow_client.search_model_versions(f"name='{MODEL}'")) == 1
     assert mlflow_client.get_run(run_info(project)["run_id"]).info.status == "FAILED"
 
 
-def test_stricter_threshold_registers_without_aliases_unless_reached(tiny_project):
+def test_stricter_threshold_registers_without_aliases_unless_reached(own_project):
     """min_accuracy 1.0 reruns evaluate (plot only if its inputs changed, which they need not: the
     model is the same); the new version is compared with production on the same test images, and
     takes staging and production only if it reached 1.0."""
-    project, _ = tiny_project
+    project = own_project
     set_params(project, {"evaluate": {"min_accuracy": 1.0}})
     result = run(["dvc", "repro"], project)
     assert ran(result.stdout) in (["evaluate"], ["evaluate", "plot"])
@@ -236,22 +232,24 @@ def test_stricter_threshold_registers_without_aliases_unless_reached(tiny_projec
         assert new.description.startswith("**not promoted") and "min_accuracy" in new.description
 
 
-def test_committed_experiments_compare_side_by_side(tiny_project):
+def test_committed_experiments_compare_side_by_side(own_project):
     """What a user does after a run: commit it, run two experiments, compare them. Every revision
     carries its metrics and plots (git tracks them), the MLflow runs carry the experiments' names,
     `-S` changes one line of params.yaml, and the candidate that changed the split is compared with
-    production on the test images production never trained on."""
-    project, _ = tiny_project
+    production (whichever version holds it after the first experiment) on the test images
+    production never trained on."""
+    project = own_project
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-q", "-m", "baseline run"], project)
     baseline = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
-    production = client(project).get_model_version_by_alias(MODEL, "production")
 
     run(["dvc", "exp", "run", "-n", "lr-high", "-S", "train.learning_rate=0.002"], project)
     changed = [line for line in run(["git", "diff", "-U0", "params.yaml"], project).stdout.splitlines()
                if line.startswith(("-", "+")) and not line.startswith(("---", "+++"))]
     assert changed == ["-  learning_rate: 0.001", "+  learning_rate: 0.002"]
     run_a = run_info(project)["run_id"]
+    # lr-high's version takes production if it did at least as well as version 1 on the same images
+    production = client(project).get_model_version_by_alias(MODEL, "production")
     result = run(["dvc", "exp", "run", "-n", "more-test", "-S", "split.test_fraction=0.3"], project)
     assert ran(result.stdout) == ["split", "train", "evaluate", "plot"]
     run_b = run_info(project)["run_id"]
@@ -285,7 +283,7 @@ def test_committed_experiments_compare_side_by_side(tiny_project):
     assert '"rev": "main"' in page and '"rev": "lr-high"' in page  # ... with both revisions' data on one chart
     assert page.count("<img") == 2 * len(PLOTS)  # and the five PNGs of each revision
 
-    run(["git", "checkout", "params.yaml"], project)  # back to the committed params
+    run(["git", "checkout", "params.yaml"], project)  # as the README does: back to the committed params
     assert run(["git", "diff", "params.yaml"], project).stdout == ""
 
     # MLflow: two runs with distinct, meaningful names
@@ -334,10 +332,10 @@ def test_registered_version_carries_a_model_card(tiny_project):
     assert "Known limits" in card and "never seen a photo" in card
 
 
-def test_cv_logs_a_parent_run_with_one_child_per_fold(tiny_project):
+def test_cv_logs_a_parent_run_with_one_child_per_fold(own_project):
     """`cleanmessy cv` (2 folds x 1 repeat) writes pipeline/cv.json and logs a parent run whose
     children are the folds."""
-    project, _ = tiny_project
+    project = own_project
     set_params(project, {"cv": {"folds": 2, "repeats": 1}})
     run(["cleanmessy", "cv"], project)
     report = json.loads((project / "pipeline/cv.json").read_text())
@@ -352,22 +350,12 @@ def test_cv_logs_a_parent_run_with_one_child_per_fold(tiny_project):
     assert sorted(c.data.metrics["test_accuracy"] for c in children) == sorted(f["accuracy"] for f in report["folds"])
 
 
-def test_multi_view_experiment_registers_a_model_that_predict_loads(tiny_project, tmp_path):
+def test_multi_view_experiment_registers_a_model_that_predict_loads(own_project, tmp_path):
     """A transfer experiment with the logistic head and multi-view TTA (random weights: no
     download) trains, is registered under its own name, and the predict CLI loads it from the
-    registry (custom layers included) and classifies the photos. params.yaml is put back after,
-    since `dvc exp run` leaves the experiment's params in the workspace and the serving tests
-    read evaluate.model_name from it."""
-    project, _ = tiny_project
+    registry (custom layers included) and classifies the photos."""
+    project = own_project
     name = "clean-vs-messy-multiview"
-    params_before = (project / "params.yaml").read_text()
-    try:
-        _run_multi_view_experiment(project, name, tmp_path)
-    finally:
-        (project / "params.yaml").write_text(params_before)
-
-
-def _run_multi_view_experiment(project: Path, name: str, tmp_path: Path) -> None:
     run(["dvc", "exp", "run", "-n", "multiview", "-S", "train.arch=mobilenet", "-S", "train.weights=none",
          "-S", "train.augment.flip=none", "-S", "train.augment.rotation=0", "-S", "train.head=logistic",
          "-S", "train.views.regions=[[0.8,2]]", "-S", "train.views.flip=true", "-S", "train.views.normalize=true", "-S", f"evaluate.model_name={name}"],

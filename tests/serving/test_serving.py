@@ -1,6 +1,7 @@
 """The served model, end to end: a real `cleanmessy serve` (Gradio) on a loopback port, against the
 model registered by the tiny real pipeline run; called with gradio_client, the predict CLI, and a
-real browser (Playwright driving Debian's Chromium)."""
+real browser (Playwright driving Debian's Chromium). Serving and predicting only read a project:
+every test here uses the session's read-only `tiny_project`, which no test changes."""
 
 from __future__ import annotations
 
@@ -24,11 +25,13 @@ MAX_PIXELS = 1_000_000  # the test server's pixel budget
 
 
 @pytest.fixture(scope="module")
-def app(tiny_project):
-    """One server for the module, with a small pixel budget so the over-budget case is cheap."""
+def app(tiny_project, tmp_path_factory):
+    """One server for the module, with a small pixel budget so the over-budget case is cheap; its
+    console goes to app.log (read by ServerLog), outside the project."""
     project, _ = tiny_project
-    with serving(project, "--stage", "production", "--max-pixels", str(MAX_PIXELS)) as url:
-        yield project, url
+    log = tmp_path_factory.mktemp("serve") / "app.log"
+    with serving(project, "--stage", "production", "--max-pixels", str(MAX_PIXELS), log=log) as url:
+        yield project, url, log
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +57,11 @@ def photos(tiny_project, tmp_path_factory) -> dict[str, Path]:
 
 
 class ServerLog:
-    """The `cleanmessy serve` console (conftest.serving writes it to serve-PORT.log): what appeared
-    since the last call to `new_lines`."""
+    """The `cleanmessy serve` console (the `app` fixture's log): what appeared since the last call
+    to `new_lines`."""
 
-    def __init__(self, project: Path, url: str) -> None:
-        self.path = project / f"serve-{url.rstrip('/').rsplit(':', 1)[1]}.log"
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self.seen = len(self.path.read_text())
 
     def new_lines(self) -> list[str]:
@@ -88,7 +91,7 @@ def confidences(label_output: dict) -> dict[str, float]:
 
 def test_app_and_cli_agree(app, photos, tmp_path):
     """For every input shape, the app's label and confidences equal the predict CLI's."""
-    project, url = app
+    project, url, _ = app
     client = Client(url, verbose=False)
     names = ["clean", "messy", "rgba", "gray", "palette", "rotated"]
     cli = cli_predictions(project, [photos[n] for n in names], tmp_path)
@@ -108,7 +111,7 @@ def test_model_info_names_the_registered_version(app):
     """The model-info endpoint reports the version the registry holds at `production`."""
     from mlflow import MlflowClient
 
-    project, url = app
+    project, url, _ = app
     info = Client(url, verbose=False).predict(api_name="/model_info")
     store = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
     version = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version_by_alias(
@@ -169,9 +172,9 @@ def _bad_files(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
 def test_bad_uploads_get_a_clear_message_and_the_server_keeps_serving(app, photos, tmp_path):
     """Non-image, truncated and over-budget uploads each get their own message, and one line in the
     server's console (no traceback); a good photo after them is still classified."""
-    project, url = app
+    project, url, log = app
     client = Client(url, verbose=False)
-    console = ServerLog(project, url)
+    console = ServerLog(log)
     bad = _bad_files(tmp_path, photos["messy"])
     for case, (path, words) in bad.items():
         with pytest.raises(Exception) as error:
@@ -185,7 +188,7 @@ def test_bad_uploads_get_a_clear_message_and_the_server_keeps_serving(app, photo
 
 def test_photos_smaller_than_the_models_min_side_are_refused(app, photos, tmp_path):
     """A 1x1 or 31x40 photo is refused by the app and the CLI with ingest's reason code; 32x32 passes."""
-    project, url = app
+    project, url, _ = app
     client = Client(url, verbose=False)
     base = Image.open(photos["messy"]).convert("RGB")
     sizes = {"1x1": (1, 1), "31x40": (31, 40), "32x32": (32, 32)}
@@ -206,7 +209,7 @@ def test_photos_smaller_than_the_models_min_side_are_refused(app, photos, tmp_pa
 
 def test_concurrent_clients_are_all_answered(app, photos, tmp_path):
     """8 clients x 25 requests against one server: every answer is correct, the server lives on."""
-    project, url = app
+    project, url, _ = app
     expected = cli_predictions(project, [photos["clean"], photos["messy"]], tmp_path)
     want = dict(zip(["clean", "messy"], expected["label"]))
     failures: list[str] = []
@@ -237,7 +240,7 @@ def test_browser_upload_shows_label_and_heat_map(app, photos, tmp_path):
     require_chromium()
     from playwright.sync_api import expect, sync_playwright
 
-    project, url = app
+    project, url, _ = app
     expected = cli_predictions(project, [photos["messy"]], tmp_path)["label"][0]
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -267,12 +270,12 @@ def test_browser_user_mistakes_get_one_line_and_no_error_state(app, photos, tmp_
     require_chromium()
     from playwright.sync_api import expect, sync_playwright
 
-    project, url = app
+    project, url, log = app
     notes = tmp_path / "notes.png"
     notes.write_text("this is not an image")
     tiny = tmp_path / "tiny.png"
     Image.new("RGB", (1, 1), "white").save(tiny)
-    console = ServerLog(project, url)
+    console = ServerLog(log)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -488,7 +491,7 @@ def test_uploads_are_deleted_after_the_ttl(tiny_project, photos, tmp_path):
 def test_decompression_bomb_upload_gets_the_apps_own_message(app, tmp_path):
     """A 400-megapixel PNG of a few KB: the app's own one-line reason (too_large), not Gradio's
     generic error naming the server's temp folder."""
-    project, url = app
+    project, url, _ = app
     bomb = tmp_path / "bomb.png"
     Image.new("1", (20_000, 20_000)).save(bomb, optimize=True)
     assert bomb.stat().st_size < 200_000
