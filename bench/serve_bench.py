@@ -117,10 +117,11 @@ def main() -> None:
 
     from cleanmessy import sample, tracking
     from cleanmessy.images import load_for_model, open_rgb
+    from cleanmessy.project import project_paths
     from cleanmessy.serving.model import ServedModel
     from cleanmessy.serving.predict import predict_files
 
-    tracking.use_store(ROOT)
+    tracking.connect(project_paths(ROOT))
     uri = tracking.model_uri_for("clean-vs-messy", args.stage)
     served = ServedModel.load(uri)
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
