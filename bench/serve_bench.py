@@ -29,12 +29,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
+from cleanmessy.console import quiet_environment
 
+quiet_environment()  # before MLflow, Gradio or TensorFlow is imported
 ROOT = Path(__file__).resolve().parents[1]
 CLEANMESSY = Path(sys.executable).parent / "cleanmessy"  # the CLI of the environment running this
 
@@ -157,9 +156,10 @@ def main() -> None:
 
     floor = raw_forward["p50_ms"] + noop["p50_ms"]
     result = {
-        "model": served.info()["uri"], "image_size": served.image_size, "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "app_http": app, "app_http_without_heatmap_download": app_label_only, "noop_gradio_http": noop, "raw_forward": raw_forward, "raw_forward_gradcam": raw_explain,
+        "model": served.info()["uri"], "image_size": served.image_size,
+        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "app_http": app, "app_http_without_heatmap_download": app_label_only, "noop_gradio_http": noop,
+        "raw_forward": raw_forward, "raw_forward_gradcam": raw_explain,
         "served_p50_over_floor": app["p50_ms"] / floor,
         "served_p50_over_floor_without_heatmap_download": app_label_only["p50_ms"] / floor,
         "predict_images_per_s": len(files) / ours_s, "bare_predict_loop_images_per_s": len(files) / bare_s,

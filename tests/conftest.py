@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cleanmessy.console import QUIET_ENVIRONMENT
 from cleanmessy.params import with_changes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,8 +35,8 @@ REAL_PHOTOS = SHARED / "datasets" / "clean-messy"
 VENV_BIN = Path(sys.executable).parent
 
 # What a fresh clone holds that the pipeline needs (outputs, stores and caches excluded).
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
-                 "data/.gitignore", "pipeline/.gitignore", "mlruns/.gitignore"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", ".dvc/config", ".dvc/.gitignore",
+                 ".dvcignore", "data/.gitignore", "pipeline/.gitignore", "mlruns/.gitignore"]
 PROJECT_DIRS = ["src", "data/sample"]
 
 # Tiny settings: a full `dvc repro` in well under a minute on 2 cores.
@@ -53,11 +54,8 @@ def tool_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "CLEANMESSY_ROOT", "DVC_EXP_NAME", "PYTEST_CURRENT_TEST")}
     env.update({
+        **QUIET_ENVIRONMENT,  # what `cleanmessy` sets for itself, here also for dvc and mlflow
         "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-        "DVC_NO_ANALYTICS": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
     })

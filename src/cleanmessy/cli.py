@@ -67,6 +67,9 @@ def _connect_and_choose_model(args: argparse.Namespace) -> str:
     """Connect MLflow to the configured store and return the model to load: `--model-uri` as
     given, else the registered model at `--stage` (`models:/name@stage`), named --model-name, else
     the project's evaluate.model_name, else the default."""
+    from cleanmessy.stages import check_tracking_server
+
+    check_tracking_server(os.environ.get("MLFLOW_TRACKING_URI"))  # before MLflow retries for minutes
     from cleanmessy import tracking
     from cleanmessy.params import EvaluateParams, load_params
     from cleanmessy.project import project_paths

@@ -105,9 +105,10 @@ class Paths:
         """The id of the MLflow run that trained pipeline/model.keras (see UNTRACKED)."""
         return self._at("pipeline/mlflow_run.json")
 
-    # Records that evaluate registered, and plot logged, this model in the MLflow store: git-ignored
-    # outputs, so a fresh clone (whose store is empty) lacks them and DVC reruns both stages, even
-    # though the retrained model and every committed output come out identical.
+    # Records that evaluate registered, and plot logged, this model in the MLflow store: DVC-cached
+    # outputs, not in git. A fresh clone (whose store is empty) lacks them, so DVC reruns both
+    # stages there; a teammate who `dvc pull`s them shares the team's tracking server and registry,
+    # and reruns nothing.
     @property
     def registered(self) -> Path:
         return self._at("pipeline/registered.json")
@@ -124,10 +125,13 @@ class Paths:
     def plots(self) -> Path:
         return self._at("pipeline/plots")
 
-    # mlruns/: the local MLflow store (never a DVC output: `dvc repro` deletes outputs first)
+    # mlruns/: the local MLflow store (never a DVC output: `dvc repro` deletes outputs first). A
+    # queued or `--temp` experiment runs in a copy of the project under .dvc/tmp/exps/, which DVC
+    # deletes afterwards; DVC_ROOT, which DVC sets for every stage, names the project it belongs to.
     @property
     def mlruns(self) -> Path:
-        return self._at("mlruns")
+        self._at("mlruns")
+        return Path(os.environ.get("DVC_ROOT") or self.root) / "mlruns"
 
 
 def project_paths(start: Path | None = None) -> Paths:

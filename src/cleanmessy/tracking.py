@@ -54,19 +54,38 @@ def connect(paths: Paths | None = None) -> str:
     return uri
 
 
+@contextlib.contextmanager
+def store_lock(paths: Paths) -> Iterator[None]:
+    """Hold the project's local store for one writer at a time, for the steps that race when
+    several experiments run at once (`dvc queue start -j 2`): creating and migrating the SQLite
+    database, creating the experiment, registering a version and moving aliases. A tracking
+    server serialises these itself: nothing to hold then."""
+    if not tracking_uri(paths).startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    paths.mlruns.mkdir(parents=True, exist_ok=True)
+    with open(paths.mlruns / ".writer.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def open_experiment(paths: Paths) -> str:
     """`connect`, and make sure the experiment exists and is the active one; returns its id."""
-    uri = connect(paths)
-    if uri.startswith("sqlite:///"):
-        paths.mlruns.mkdir(parents=True, exist_ok=True)
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is None:
-        # A local store keeps artifacts beside the database, under mlruns/artifacts.
-        location = (paths.mlruns / "artifacts").as_uri() if uri.startswith("sqlite:") else None
-        experiment_id = mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
-    else:
-        experiment_id = experiment.experiment_id
+    with store_lock(paths):
+        uri = connect(paths)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+        experiment = mlflow.get_experiment_by_name(name)  # creates and migrates a new database
+        if experiment is None:
+            # A local store keeps artifacts beside the database, under mlruns/artifacts.
+            location = (paths.mlruns / "artifacts").as_uri() if uri.startswith("sqlite:") else None
+            experiment_id = mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+        else:
+            experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import CHROMIUM, CHROMIUM_ARGS, run, serving
 from gradio_client import Client, handle_file
 from PIL import Image
-
-from conftest import CHROMIUM, CHROMIUM_ARGS, run, serving
 
 pytestmark = pytest.mark.slow
 MAX_PIXELS = 1_000_000  # the test server's pixel budget
@@ -413,7 +412,8 @@ def test_serve_staging_serves_the_staging_version(tiny_project):
 
     project, _ = tiny_project
     store = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
-    staging = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version_by_alias("clean-vs-messy", "staging")
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    staging = client.get_model_version_by_alias("clean-vs-messy", "staging")
     with serving(project, "--stage", "staging") as url:
         info = Client(url, verbose=False).predict(api_name="/model_info")
     assert info["version"] == str(staging.version) and "staging" in info["stages"]

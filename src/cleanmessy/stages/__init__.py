@@ -7,6 +7,7 @@ DVC's cache; the pipeline tests run every stage through here and would fail on s
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import importlib
@@ -72,18 +73,56 @@ def restrict_params(params: Params, keys: tuple[str, ...], stage: str) -> Params
     return dataclasses.replace(params, **changes)
 
 
+# What MLFLOW_TRACKING_URI may start with: a server, or a database MLflow's SQL store opens.
+TRACKING_SCHEMES = ("http://", "https://", "sqlite:///", "postgresql://", "postgresql+", "mysql://", "mysql+",
+                    "mssql://", "mssql+", "databricks")
+
+
 def check_tracking_server(uri: str | None, timeout: float = 5.0) -> None:
-    """Fail in seconds, before TensorFlow loads, when MLFLOW_TRACKING_URI names a server that
-    does not answer: MLflow itself retries with backoff for minutes, then prints tracebacks."""
-    if not uri or not uri.startswith(("http://", "https://")):
+    """Fail in seconds, before TensorFlow loads, when MLFLOW_TRACKING_URI is not a store MLflow
+    can open, names a server that does not answer, or a server that refuses our login
+    (MLFLOW_TRACKING_USERNAME/PASSWORD): MLflow itself retries with backoff for minutes, then
+    prints tracebacks."""
+    if not uri:
         return
+    if not uri.startswith(TRACKING_SCHEMES):
+        raise UserError(f"MLFLOW_TRACKING_URI={uri} is not a tracking store: use http(s)://host:port for a "
+                        "server, or a database URI (sqlite:///..., postgresql://...)")
+    if not uri.startswith(("http://", "https://")):
+        return
+    base = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
-            return
+        with urllib.request.urlopen(f"{base}/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError as exc:
+        raise UserError(f"{uri} answers /health with HTTP {exc.code}: is MLFLOW_TRACKING_URI the MLflow server's "
+                        "address (http://host:port, no path)?") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise UserError(f"the MLflow tracking server at {uri} does not answer ({reason}); start it, or unset "
                         "MLFLOW_TRACKING_URI to use the project's own store") from None
+    # /health needs no login; one read of the experiments does (a server run with basic-auth).
+    request = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user or password:
+        token = base64.b64encode(f"{user or ''}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            who = f"user '{user}'" if user else "no user (MLFLOW_TRACKING_USERNAME is not set)"
+            raise UserError(f"the MLflow tracking server at {uri} refused the login of {who}: set "
+                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account on it") from None
+        if exc.code == 403:
+            raise UserError(f"the MLflow tracking server at {uri} does not let user '{user}' read experiments; "
+                            "ask its admin for permission") from None
+        raise UserError(f"the MLflow tracking server at {uri} answers HTTP {exc.code} to a search of experiments; "
+                        "is it an MLflow server?") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise UserError(f"the MLflow tracking server at {uri} stopped answering "
+                        f"({getattr(exc, 'reason', exc)})") from None
 
 
 def check_local_store(db: Path) -> None:

@@ -141,7 +141,7 @@ def card_data(paths: Paths, report: dict[str, Any]) -> dict[str, Any]:
             "split_sizes": {s: len(read_split(paths.split_csv(s))) for s in ("train", "val", "test")}}
 
 
-def log_and_register(model, spec: ModelSpec, test_frame: pd.DataFrame, root: Path, test: dict[str, Any],
+def log_and_register(model, spec: ModelSpec, test_frame: pd.DataFrame, paths: Paths, test: dict[str, Any],
                      correct: np.ndarray, card: str, run_id: str, params: Params,
                      training_data: dict[str, Any]) -> tracking.Promotion:
     """Into the active (training) run: the test metrics, the card and the model; then register the
@@ -150,8 +150,7 @@ def log_and_register(model, spec: ModelSpec, test_frame: pd.DataFrame, root: Pat
     mlflow.log_metrics(mlflow_metrics(test))
     mlflow.log_dict({"test": test}, "evaluation.json")
     mlflow.log_text(card, "model_card.md")
-    comparison = compare_with_production(name, test_frame, correct, root, spec.class_names, params.train.batch_size)
-    example = to_model_input_batch(test_frame, root, spec.image_size)
+    example = to_model_input_batch(test_frame, paths.root, spec.image_size)
     with contextlib.redirect_stdout(io.StringIO()):  # MLflow's signature check prints progress bars
         info = tracking.log_keras_model(model, example, model.predict(example, verbose=0),
                                         {"class_names": spec.class_names, "image_size": spec.image_size,
@@ -160,7 +159,13 @@ def log_and_register(model, spec: ModelSpec, test_frame: pd.DataFrame, root: Pat
     run_tags = mlflow.get_run(run_id).data.tags  # only the lineage: not an earlier evaluate's results
     tags = {"class_names": ",".join(spec.class_names), "min_accuracy": str(min_acc), "test_images": str(test["n"]),
             "data_kind": training_data["kind"], **{k: v for k, v in run_tags.items() if k in LINEAGE_TAGS}}
-    promotion = tracking.register_and_promote(info, name, run_id, test["accuracy"], min_acc, comparison, tags, card)
+    # Compared with production and promoted in one go: an experiment running beside this one must
+    # not move `production` in between (`dvc queue start -j 2`).
+    with tracking.store_lock(paths):
+        comparison = compare_with_production(name, test_frame, correct, paths.root, spec.class_names,
+                                             params.train.batch_size)
+        promotion = tracking.register_and_promote(info, name, run_id, test["accuracy"], min_acc, comparison, tags,
+                                                  card)
     mlflow.set_tags({"registered_version": promotion.version, "promotion": promotion.reason})
     return promotion
 
@@ -181,7 +186,7 @@ def main(paths: Paths, params: Params) -> None:
                  test["accuracy_ci95_low"], test["accuracy_ci95_high"], test["n"], test["loss"])
         card = render_card(params.evaluate.model_name, data,
                            {"base.image_size": spec.image_size, **used_train_params(params.train)}, test)
-        promotion = log_and_register(model, spec, test_frame, paths.root, test, probs.argmax(axis=1) == y_true,
+        promotion = log_and_register(model, spec, test_frame, paths, test, probs.argmax(axis=1) == y_true,
                                      card, run_id, params, training_data)
     paths.metrics.write_text(json.dumps(headline(test), indent=2) + "\n")
     paths.evaluation.write_text(json.dumps({"test": test}, indent=2) + "\n")
