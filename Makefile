@@ -9,7 +9,7 @@ RUN := $(UV) run --frozen
 # No telemetry or start-up chatter settings here: `cleanmessy` sets them for itself and the tools
 # it starts (console.QUIET_ENVIRONMENT), and DVC's analytics are off in .dvc/config.
 
-.PHONY: setup browser run test ui serve real clean-outputs
+.PHONY: setup browser postgres run test ui serve real grid clean-outputs
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -29,8 +29,16 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
 	else echo "no apt-get: install Chromium at /usr/bin/chromium for the browser test"; fi
 
+# PostgreSQL's server programs for the team-server test (a throwaway cluster; nothing is started here).
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; \
+	else echo "no apt-get: install PostgreSQL's server programs for the team-server test"; fi
+
 # The linter first (ruff, configured in pyproject.toml), then the whole suite.
-test: setup browser
+test: setup browser postgres
 	$(RUN) ruff check src tests bench
 	$(RUN) pytest
 
@@ -46,6 +54,18 @@ real: setup
 	@test -n "$(SOURCE)" || { echo "usage: make real SOURCE=path/to/photos"; exit 2; }
 	flags="$$($(RUN) cleanmessy exp-flags experiments/real-photos.yaml)" && \
 	set -f && $(RUN) dvc exp run -S ingest.source=$(SOURCE) $$flags  # set -f: no globbing of [[...]]
+
+# A grid of experiments through DVC's queue, JOBS at a time, then the comparison:
+# make grid GRID="train.learning_rate=0.0005 train.learning_rate=0.002" JOBS=2
+# (needs a commit: `dvc exp run` experiments are based on HEAD)
+GRID ?= train.learning_rate=0.0005 train.learning_rate=0.001 train.learning_rate=0.002
+JOBS ?= 2
+grid: setup
+	for change in $(GRID); do $(RUN) dvc exp run --queue -S "$$change" || exit 1; done
+	$(RUN) dvc queue start -j $(JOBS)
+	while $(RUN) dvc queue status | grep -qE 'Running|Queued'; do sleep 5; done
+	$(RUN) dvc queue status
+	$(RUN) dvc exp show --only-changed --drop 'Created|.*/|roc_auc|macro_f1|loss'
 
 # The MLflow UI over the project's store; prints the link to the runs (UI_PORT=5000 by default)
 UI_PORT ?= 5000

@@ -35,8 +35,8 @@ REAL_PHOTOS = SHARED / "datasets" / "clean-messy"
 VENV_BIN = Path(sys.executable).parent
 
 # What a fresh clone holds that the pipeline needs (outputs, stores and caches excluded).
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", ".dvc/config", ".dvc/.gitignore",
-                 ".dvcignore", "data/.gitignore", "pipeline/.gitignore", "mlruns/.gitignore"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "Makefile", ".gitignore", ".dvc/config",
+                 ".dvc/.gitignore", ".dvcignore", "data/.gitignore", "pipeline/.gitignore", "mlruns/.gitignore"]
 PROJECT_DIRS = ["src", "data/sample"]
 
 # Tiny settings: a full `dvc repro` in well under a minute on 2 cores.

@@ -1,7 +1,8 @@
-"""Every command the README shows is run by a test. This maps each command line of the README's
-```bash blocks to the test file that runs it and a snippet proving it does: a README command with
-no entry here (or an entry whose test no longer runs it) fails, so no documented path goes
-unchecked. The tests named here assert what the README says of each command's outcome."""
+"""Every command the README (and docs/team.md, its team manual) shows is run by a test. This maps
+each command line of their ```bash blocks to the test file that runs it and a snippet proving it
+does: a documented command with no entry here (or an entry whose test no longer runs it) fails, so
+no documented path goes unchecked. The tests named here assert what the docs say of each
+command's outcome."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ PIPELINE = "tests/pipeline/test_dvc_pipeline.py"
 FRESH = "tests/pipeline/test_fresh_clone.py"
 SERVER = "tests/pipeline/test_tracking_server.py"
 SERVING = "tests/serving/test_serving.py"
+TEAM = "tests/pipeline/test_team.py"
+MANUALS = ("README.md", "docs/team.md")
 
 # README command -> (file that runs it, text in that file showing it runs it)
 TESTED = {
@@ -48,19 +51,37 @@ TESTED = {
                  '"--port"'),
     "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 dvc repro":
         (SERVER, 'run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url)'),
+    # docs/team.md
+    "mlflow server --backend-store-uri postgresql://mlflow@127.0.0.1:5432/mlflow --artifacts-destination "
+    "mlflow-server/artifacts --host 127.0.0.1 --port 5000": (SERVER, '"server", "--backend-store-uri", database,'),
+    "MLFLOW_FLASK_SERVER_SECRET_KEY=change-me MLFLOW_AUTH_ADMIN_PASSWORD=change-me-too mlflow server --app-name "
+    "basic-auth --backend-store-uri sqlite:///mlflow-server/mlflow.db --artifacts-destination mlflow-server/artifacts "
+    "--host 127.0.0.1 --port 5000": (SERVER, '"server", "--app-name", "basic-auth", "--backend-store-uri",'),
+    "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=change-me-too "
+    "dvc repro": (SERVER, 'run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url, **admin)'),
+    "dvc remote add -d shared /srv/team/dvc-store": (TEAM, '["dvc", "remote", "add", "-d", "shared", str(remote)]'),
+    "dvc push": (TEAM, 'run(["dvc", "push"], origin)'),
+    "dvc pull": (TEAM, 'run(["dvc", "pull"], mate)'),
+    "dvc status": (TEAM, 'run(["dvc", "status"], mate)'),
+    "dvc exp push origin mate-lr": (TEAM, '["dvc", "exp", "push", "origin", "mate-lr"]'),
+    "dvc exp pull origin mate-lr": (TEAM, '["dvc", "exp", "pull", "origin", "mate-lr"]'),
+    "make grid": (TEAM, 'run(["make", "grid", '),
+    'make grid GRID="train.learning_rate=0.0005 train.learning_rate=0.002" JOBS=2':
+        (TEAM, '"GRID=train.learning_rate=0.002 train.learning_rate=0.003", "JOBS=2"'),
 }
 
 
 def readme_commands() -> list[str]:
-    """Command lines of the README's ```bash blocks, comments stripped."""
-    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    """Command lines of the manuals' ```bash blocks, comments stripped."""
+    text = "\n".join((REPO / manual).read_text() for manual in MANUALS)
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     lines = [re.sub(r"\s+#.*$", "", line).strip() for block in blocks for line in block.splitlines()]
     return [line for line in lines if line and not line.startswith("#")]
 
 
 @pytest.mark.parametrize("command", readme_commands())
 def test_every_readme_command_is_run_by_a_test(command):
-    assert command in TESTED, f"README shows `{command}`, but no test runs it: add one, and an entry here"
+    assert command in TESTED, f"the docs show `{command}`, but no test runs it: add one, and an entry here"
     path, snippet = TESTED[command]
     assert snippet in (REPO / path).read_text(), f"{path} no longer runs `{command}`"
 

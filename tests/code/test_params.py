@@ -200,8 +200,9 @@ def test_dvc_style_params_file_changes_one_line_per_set(tmp_path):
     import difflib
     import shutil
 
-    from conftest import REPO
     from dvc.utils.serialize import modify_yaml
+
+    from conftest import REPO
 
     copy = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", copy)

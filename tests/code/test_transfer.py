@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED
 from PIL import Image
 
 from cleanmessy.models import backbone_layers, build_model, unfreeze_top
 from cleanmessy.params import AugmentParams, TrainParams
 from cleanmessy.serving.explain import gradcam_function, last_conv_layer
 from cleanmessy.training import train_model
+
+from conftest import SHARED
 
 NO_AUGMENT = AugmentParams(flip="none", rotation=0.0)
 WEIGHTS = SHARED / "keras-weights"

@@ -1,15 +1,24 @@
-"""The README's team setup: the pipeline against a real `mlflow server` (SQLite backend, proxied
-artifacts) on a loopback port, as `MLFLOW_TRACKING_URI=http://127.0.0.1:<port> dvc repro`."""
+"""The team setup: the pipeline against a real `mlflow server` with proxied artifacts on a
+loopback port, as `MLFLOW_TRACKING_URI=http://127.0.0.1:<port> dvc repro`: backed by SQLite (the
+README's command), by a real PostgreSQL (a throwaway cluster made with Debian's initdb/pg_ctl),
+and with the server's basic-auth logins (docs/team.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import VENV_BIN, copy_project, free_port, run, server, serving, tool_env
 from mlflow import MlflowClient
-
-from conftest import VENV_BIN, copy_project, free_port, run, server
 
 pytestmark = pytest.mark.slow
 
@@ -66,3 +75,121 @@ def test_a_workspace_that_ran_locally_moves_to_the_server_with_force(tracking_se
     noted = json.loads((project / "pipeline/mlflow_run.json").read_text())
     assert version.run_id == noted["run_id"] and noted["tracking_uri"] == url
     assert client.get_run(noted["run_id"]).data.tags["registered_version"] == str(version.version)
+
+
+# ---------------------------------------------------------------- PostgreSQL (docs/team.md)
+
+
+def postgres_programs() -> Path:
+    """Debian's PostgreSQL server programs (not on PATH: in the versioned lib folder)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        pytest.fail("PostgreSQL's initdb is missing: `make test` installs Debian's postgresql package")
+    return found[-1].parent
+
+
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on a free loopback port with an empty `mlflow` database;
+    yields its URI; stopped by its postmaster's PID and removed afterwards. PostgreSQL refuses to
+    run as root, so as root it runs as Debian's `postgres` user."""
+    programs = postgres_programs()
+    base = Path(tempfile.mkdtemp(prefix="cleanmessy-pg-"))  # not under pytest's 0700 root-only folders
+    as_owner: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    port, data = free_port(), base / "data"
+    try:
+        subprocess.run([*as_owner, str(programs / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust",
+                        "-E", "UTF8"], check=True, capture_output=True)
+        subprocess.run([*as_owner, str(programs / "pg_ctl"), "-D", str(data), "-l", str(base / "postgres.log"), "-w",
+                        "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"],
+                       check=True, capture_output=True)
+        subprocess.run([str(programs / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"],
+                       check=True, capture_output=True)
+        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+    finally:
+        pid_file = data / "postmaster.pid"
+        if pid_file.is_file():
+            pid = int(pid_file.read_text().split()[0])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
+            for _ in range(100):
+                if not pid_file.exists():
+                    break
+                time.sleep(0.1)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_server(tmp_path_factory):
+    """`mlflow server` on PostgreSQL with proxied artifacts, as docs/team.md starts it."""
+    cwd = tmp_path_factory.mktemp("team-pg")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with postgres_cluster() as database:
+        command = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", database,
+                   "--artifacts-destination", "mlflow-server/artifacts", "--host", "127.0.0.1", "--port", str(port)]
+        with server(command, cwd, cwd / "server.log", f"{url}/health"):
+            yield url, database
+
+
+def test_pipeline_cv_serve_and_predict_through_a_postgresql_backed_server(postgres_server, tmp_path):
+    """On a server whose database is PostgreSQL: dvc repro trains, registers and promotes; the run
+    names its git commit and its dataset (the manifest); `cleanmessy cv` logs its parent and fold
+    runs; `serve` and `predict` load the production version from the server."""
+    url, database = postgres_server
+    project = copy_project(tmp_path / "project", params={"cv": {"folds": 2, "repeats": 1}})
+    run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url)
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    production = client.get_model_version_by_alias("clean-vs-messy", "production")
+    mlflow_run = client.get_run(production.run_id)
+    assert mlflow_run.info.status == "FINISHED" and "test_accuracy" in mlflow_run.data.metrics
+    assert mlflow_run.data.tags["git_commit"] == run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    assert mlflow_run.inputs.dataset_inputs[0].dataset.digest == mlflow_run.data.tags["data_manifest_sha256"][:32]
+    assert len(client.get_metric_history(production.run_id, "train_loss")) >= 1
+    assert not (project / "mlruns" / "mlflow.db").exists()
+
+    run(["cleanmessy", "cv"], project, MLFLOW_TRACKING_URI=url)
+    cv_runs = client.search_runs([mlflow_run.info.experiment_id], "tags.kind = 'cv_fold'")
+    assert len(cv_runs) == 2
+
+    out = tmp_path / "predictions.csv"
+    run(["cleanmessy", "predict", "data/images", "--out", str(out)], project, MLFLOW_TRACKING_URI=url)
+    assert len(out.read_text().splitlines()) > 10
+    from gradio_client import Client
+
+    with serving(project, MLFLOW_TRACKING_URI=url) as app:
+        info = Client(app, verbose=False).predict(api_name="/model_info")
+    assert info["version"] == production.version and info["stages"] == ["production", "staging"]
+
+
+# ---------------------------------------------------------------- basic-auth (docs/team.md)
+
+
+def test_a_server_with_logins_refuses_a_wrong_password_in_seconds_and_accepts_the_right_one(tmp_path, monkeypatch):
+    """`mlflow server --app-name basic-auth`: a wrong password, or none, is one line before
+    TensorFlow loads; with the right MLFLOW_TRACKING_USERNAME/PASSWORD the pipeline registers."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    secrets = {"MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret",
+               "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-pass-for-tests"}
+    command = [str(VENV_BIN / "mlflow"), "server", "--app-name", "basic-auth", "--backend-store-uri",
+               "sqlite:///mlflow-server/mlflow.db", "--artifacts-destination", "mlflow-server/artifacts",
+               "--host", "127.0.0.1", "--port", str(port)]
+    (tmp_path / "mlflow-server").mkdir()
+    project = copy_project(tmp_path / "project", params={"evaluate": {"model_name": "behind-logins"}})
+    with server(command, tmp_path, tmp_path / "server.log", f"{url}/health", env=tool_env(**secrets)):
+        for login in ({}, {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"}):
+            started = time.monotonic()
+            refused = run(["cleanmessy", "train"], project, check=False, MLFLOW_TRACKING_URI=url, **login)
+            assert refused.returncode == 2 and time.monotonic() - started < 30
+            assert f"the MLflow tracking server at {url} refused the login of" in refused.stderr
+            assert "Traceback" not in refused.stderr
+        admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "admin-pass-for-tests"}
+        run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url, **admin)
+        for key, value in admin.items():  # MlflowClient reads the login from the environment
+            monkeypatch.setenv(key, value)
+        client = MlflowClient(tracking_uri=url, registry_uri=url)
+        assert client.get_model_version_by_alias("behind-logins", "production").version == "1"

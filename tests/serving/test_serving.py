@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import CHROMIUM, CHROMIUM_ARGS, run, serving
 from gradio_client import Client, handle_file
 from PIL import Image
+
+from conftest import CHROMIUM, CHROMIUM_ARGS, run, serving
 
 pytestmark = pytest.mark.slow
 MAX_PIXELS = 1_000_000  # the test server's pixel budget

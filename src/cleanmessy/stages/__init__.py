@@ -107,8 +107,8 @@ def check_tracking_server(uri: str | None, timeout: float = 5.0) -> None:
     if user or password:
         token = base64.b64encode(f"{user or ''}:{password or ''}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout):
+    try:  # a server that answers /health may still take seconds to check a password (PBKDF2)
+        with urllib.request.urlopen(request, timeout=max(timeout, 30.0)):
             return
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
