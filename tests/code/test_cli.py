@@ -101,6 +101,21 @@ def test_unreachable_tracking_server_fails_in_seconds_before_tensorflow(tmp_path
     assert "tensorflow" not in heavy_modules(result)
 
 
+@pytest.mark.parametrize(("uri", "message"), [
+    ("htp://127.0.0.1:5000", "MLFLOW_TRACKING_URI=htp://127.0.0.1:5000 is not a tracking store"),
+    ("127.0.0.1:5000", "MLFLOW_TRACKING_URI=127.0.0.1:5000 is not a tracking store"),
+])
+def test_a_tracking_uri_typo_is_one_line_for_training_and_serving(uri, message):
+    """A typo in MLFLOW_TRACKING_URI stops train and predict with one line, before TensorFlow."""
+    from conftest import REPO
+
+    for command in (["train"], ["predict", "README.md"]):
+        result = subprocess.run([sys.executable, "-c", PROBE, *command], cwd=REPO, capture_output=True, text=True,
+                                env={**__import__("os").environ, "MLFLOW_TRACKING_URI": uri})
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert "tensorflow" not in heavy_modules(result)
+
+
 def test_read_only_local_store_is_one_line(tmp_path):
     """mlruns/mlflow.db that cannot be written (here made immutable with chattr, which stops root
     too): train says so in one line before loading TensorFlow, instead of MLflow's traceback."""

@@ -77,6 +77,27 @@ def test_a_workspace_that_ran_locally_moves_to_the_server_with_force(tracking_se
     assert client.get_run(noted["run_id"]).data.tags["registered_version"] == str(version.version)
 
 
+def test_a_grid_of_queued_experiments_runs_two_at_a_time_against_the_server(tracking_server, tmp_path):
+    """`make grid` with MLFLOW_TRACKING_URI set: both experiments, run at once by DVC's queue, are
+    FINISHED runs on the server named after their experiments, each with a registered version;
+    nothing lands in the project's own store."""
+    url, _ = tracking_server
+    project = copy_project(tmp_path / "project", params={"evaluate": {"model_name": "grid-on-server"}})
+    run(["dvc", "repro", "split"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "split"], project)
+    run(["make", "grid", "GRID=train.learning_rate=0.002 train.learning_rate=0.003", "JOBS=2", "UV=/usr/bin/true",
+         "RUN="], project, MLFLOW_TRACKING_URI=url)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    names = {exp["name"] for rev in shown for exp in (rev.get("experiments") or [])}
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    versions = client.search_model_versions("name='grid-on-server'")
+    runs = [client.get_run(v.run_id) for v in versions]
+    assert len(names) == 2 and sorted(r.data.tags["dvc_exp_name"] for r in runs) == sorted(names)
+    assert all(r.info.status == "FINISHED" and r.info.run_name in names for r in runs)
+    assert not (project / "mlruns" / "mlflow.db").exists()
+
+
 # ---------------------------------------------------------------- PostgreSQL (docs/team.md)
 
 
