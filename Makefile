@@ -29,7 +29,8 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
 	else echo "no apt-get: install Chromium at /usr/bin/chromium for the browser test"; fi
 
-# PostgreSQL's server programs for the team-server test (a throwaway cluster; nothing is started here).
+# PostgreSQL's server programs for the team-server tests, which start their own throwaway cluster on a
+# free port (Debian's package may also set up and start its default cluster; the tests do not use it).
 postgres:
 	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null 2>&1; then \
@@ -65,6 +66,7 @@ grid: setup
 	$(RUN) dvc queue start -j $(JOBS)
 	while $(RUN) dvc queue status | grep -qE 'Running|Queued'; do sleep 5; done
 	$(RUN) dvc queue status
+	! $(RUN) dvc queue status | grep -q Failed  # a failed experiment fails the grid (`dvc queue logs NAME`)
 	$(RUN) dvc exp show --only-changed --drop 'Created|.*/|roc_auc|macro_f1|loss'
 
 # The MLflow UI over the project's store; prints the link to the runs (UI_PORT=5000 by default)

@@ -31,8 +31,9 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def env(**extra: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
-    return {**base, **QUIET_ENVIRONMENT, "PATH": f"{VENV_BIN}{os.pathsep}{base['PATH']}", **extra}
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_ROOT", "DVC_STAGE", "CLEANMESSY_ROOT")}
+    return {**QUIET_ENVIRONMENT, **base, "PATH": f"{VENV_BIN}{os.pathsep}{base['PATH']}", **extra}
 
 
 def sh(cmd: list[str], cwd: Path, **extra: str) -> float:

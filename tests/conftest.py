@@ -52,7 +52,8 @@ def tool_env(**extra: str) -> dict[str, str]:
     """The environment a user's shell would have after `make setup`: the venv's tools on PATH,
     no remote tracking server, no telemetry."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "CLEANMESSY_ROOT", "DVC_EXP_NAME", "PYTEST_CURRENT_TEST")}
+           if k not in ("MLFLOW_TRACKING_URI", "CLEANMESSY_ROOT", "DVC_EXP_NAME", "DVC_ROOT", "DVC_STAGE",
+                         "PYTEST_CURRENT_TEST")}
     env.update({
         **QUIET_ENVIRONMENT,  # what `cleanmessy` sets for itself, here also for dvc and mlflow
         "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",

@@ -38,7 +38,7 @@ class Paths:
     """The project's file layout (mirrors dvc.yaml's deps and outs).
 
     With `declared` (what a stage's dvc.yaml entry lists), asking for any other file raises
-    `cleanmessy.stages.UndeclaredInput`: a stage cannot read what DVC does not know it reads."""
+    `cleanmessy.errors.UndeclaredInput`: a stage cannot read what DVC does not know it reads."""
 
     root: Path
     declared: frozenset[str] | None = field(default=None, compare=False)
@@ -127,11 +127,20 @@ class Paths:
 
     # mlruns/: the local MLflow store (never a DVC output: `dvc repro` deletes outputs first). A
     # queued or `--temp` experiment runs in a copy of the project under .dvc/tmp/exps/, which DVC
-    # deletes afterwards; DVC_ROOT, which DVC sets for every stage, names the project it belongs to.
+    # deletes afterwards: its store is the one of the project it copies, which DVC_ROOT names.
     @property
     def mlruns(self) -> Path:
         self._at("mlruns")
-        return Path(os.environ.get("DVC_ROOT") or self.root) / "mlruns"
+        return experiment_home(self.root, os.environ.get("DVC_ROOT")) / "mlruns"
+
+
+def experiment_home(root: Path, dvc_root: str | None) -> Path:
+    """The project a workspace belongs to: `dvc_root` when `root` is one of DVC's temporary
+    experiment copies inside it (.dvc/tmp/exps/...), else `root` itself (also when DVC_ROOT names
+    some other repository, e.g. a DVC stage of another project that runs cleanmessy)."""
+    if dvc_root and root.resolve().is_relative_to(Path(dvc_root).resolve() / ".dvc" / "tmp" / "exps"):
+        return Path(dvc_root)
+    return root
 
 
 def project_paths(start: Path | None = None) -> Paths:

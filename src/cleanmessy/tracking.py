@@ -31,8 +31,9 @@ EXPERIMENT_TAGS = {"mlflow.note.content": "Clean vs Messy: one run per `dvc repr
 
 def tracking_uri(paths: Paths | None = None) -> str:
     """`MLFLOW_TRACKING_URI` when set (e.g. a team server), else the SQLite store of the project
-    (`paths`, or the one found from the working directory). Anchored at the project root, so any
-    working directory sees the same store."""
+    (`paths`, or the one found from the working directory): `Paths.mlruns`, anchored at the
+    project root (or at the project a DVC experiment copy belongs to), so any working directory
+    sees the same store."""
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
         return uri
     return f"sqlite:///{(paths or project_paths()).mlruns / 'mlflow.db'}"
@@ -60,18 +61,24 @@ def store_lock(paths: Paths) -> Iterator[None]:
     several experiments run at once (`dvc queue start -j 2`): creating and migrating the SQLite
     database, creating the experiment, registering a version and moving aliases. A tracking
     server serialises these itself: nothing to hold then."""
-    if not tracking_uri(paths).startswith("sqlite:///"):
+    uri = tracking_uri(paths)
+    if not uri.startswith("sqlite:///"):
         yield
         return
     import fcntl
 
-    paths.mlruns.mkdir(parents=True, exist_ok=True)
-    with open(paths.mlruns / ".writer.lock", "w") as lock:
+    database = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])  # beside the database, whoever uses it
+    lock_file = database.with_name(database.name + ".writer-lock")
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(lock_file, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
+    except OSError as exc:
+        raise UserError(f"cannot use the MLflow store's lock {lock_file}: {exc.strerror or exc}") from None
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield
+    finally:
+        os.close(lock)  # releases the lock
 
 
 def open_experiment(paths: Paths) -> str:
@@ -351,7 +358,8 @@ def resolve_version(model_uri: str) -> RegisteredVersion:
     except MlflowException:
         what = f"version {ref}" if ref and ref.isdigit() else f"version at stage '{alias}'"
         raise UserError(f"the registry at {mlflow.get_registry_uri()} has no {what} of model '{name}'; "
-                        "`dvc repro` (or `cleanmessy evaluate`) registers one and promotes it") from None
+                        "`dvc repro` registers one and promotes it (after a `dvc pull` into an empty store: "
+                        "`dvc repro --force --single-item evaluate`)") from None
     accuracy = version.tags.get("test_accuracy")
     return RegisteredVersion(name=name, version=str(version.version), aliases=sorted(version.aliases or []),
                              run_id=version.run_id or "", description=version.description or "",

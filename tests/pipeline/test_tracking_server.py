@@ -105,7 +105,9 @@ def postgres_programs() -> Path:
     """Debian's PostgreSQL server programs (not on PATH: in the versioned lib folder)."""
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     if not found:
-        pytest.fail("PostgreSQL's initdb is missing: `make test` installs Debian's postgresql package")
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's postgresql (make test does)")
+        pytest.skip("PostgreSQL's initdb is missing (`make test` installs Debian's postgresql)")
     return found[-1].parent
 
 
@@ -205,7 +207,7 @@ def test_a_server_with_logins_refuses_a_wrong_password_in_seconds_and_accepts_th
         for login in ({}, {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"}):
             started = time.monotonic()
             refused = run(["cleanmessy", "train"], project, check=False, MLFLOW_TRACKING_URI=url, **login)
-            assert refused.returncode == 2 and time.monotonic() - started < 30
+            assert refused.returncode == 2 and time.monotonic() - started < 15
             assert f"the MLflow tracking server at {url} refused the login of" in refused.stderr
             assert "Traceback" not in refused.stderr
         admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "admin-pass-for-tests"}

@@ -137,6 +137,8 @@ def check_local_store(db: Path) -> None:
             connection.execute(f"CREATE TABLE cleanmessy_probe_{uuid.uuid4().hex} (x INTEGER)")
             connection.rollback()
     except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):  # another experiment is writing (`dvc queue start -j 2`): not our business
+            return
         raise UserError(f"the MLflow store {db} cannot be written ({exc}); make it writable, or set "
                         "MLFLOW_TRACKING_URI to another store") from None
 

@@ -34,7 +34,9 @@ ROW_IN = 2.5  # an image plus its two-line caption, so captions clear the row ab
 TITLE_IN = 0.8  # suptitle and the caption key under the grid
 MIN_GRID_WIDTH_IN = 6.0  # room for the full title above a grid of one or two images
 RIGHT, WRONG = "✓", "✗"  # a cue besides green/red for colour-blind readers (DejaVu Sans has both)
-HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy")
+# The columns of pipeline/history.csv (training.HISTORY_COLUMNS) that the curves draw; checked before
+# drawing, so an old history.csv asks for a retrain. Not imported: plot loads no TensorFlow.
+PLOTTED_HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy")
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -169,7 +171,7 @@ def main(paths: Paths, params: Params) -> None:
         preds = pd.read_csv(paths.predictions, keep_default_na=False)
     except FileNotFoundError as exc:
         raise UserError(f"{exc.filename} not found: run `cleanmessy train` and `evaluate` first") from None
-    if missing := [c for c in HISTORY_COLUMNS if c not in history.columns]:
+    if missing := [c for c in PLOTTED_HISTORY_COLUMNS if c not in history.columns]:
         raise UserError(f"{paths.history} has no column(s) {missing}: rerun `cleanmessy train`")
     train = read_split(paths.split_csv("train"))
     figures = make_figures(paths.root, train, history, evaluation, preds, params.plot, params.base.seed)
