@@ -88,6 +88,25 @@ def set_params(project: Path, changes: dict) -> None:
         apply(data, changes)
 
 
+def labelled_photos(root: Path, n: int, side: int, seed: int = 0):
+    """`n` tiny PNGs under root/images/<label>/, alternating clean and messy (bright = messy), as
+    ingest lays them out; returns the split frame (path, label) pointing at them."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = ("clean", "messy")[i % 2]
+        path = f"images/{label}/{i}.png"
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        base = 60 if label == "clean" else 190
+        Image.fromarray(rng.integers(base - 40, base + 40, (side, side, 3), dtype=np.uint8)).save(root / path)
+        rows.append({"path": path, "label": label})
+    return pd.DataFrame(rows)
+
+
 def copy_project(dest: Path, params: dict | None = None, sample: dict | None = None) -> Path:
     """A fresh-clone-like copy of the project in `dest`, committed to its own git repository."""
     for name in PROJECT_FILES:

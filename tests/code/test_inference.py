@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
-from PIL import Image
 
 from cleanmessy.errors import UserError
 from cleanmessy.inference import Predictor, load_model_file
 from cleanmessy.models import build_model, save_model
 from cleanmessy.params import AugmentParams, TrainParams, ViewParams
+
+from conftest import labelled_photos
 
 NO_AUGMENT = AugmentParams(flip="none", rotation=0.0)
 
@@ -19,15 +19,7 @@ NO_AUGMENT = AugmentParams(flip="none", rotation=0.0)
 def split(tmp_path_factory):
     """7 tiny photos on disk and a split frame pointing at them."""
     root = tmp_path_factory.mktemp("root")
-    rng = np.random.default_rng(1)
-    rows = []
-    for i in range(7):
-        label = ("clean", "messy")[i % 2]
-        path = f"images/{label}/{i}.png"
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(root / path)
-        rows.append({"path": path, "label": label})
-    return root, pd.DataFrame(rows)
+    return root, labelled_photos(root, 7, 24, seed=1)
 
 
 def test_predictor_matches_keras_predict_in_steps_of_any_size(split):

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
-from PIL import Image
 
 from cleanmessy.models import backbone_layers, build_model, unfreeze_top
 from cleanmessy.params import AugmentParams, TrainParams
 from cleanmessy.serving.explain import gradcam_function, last_conv_layer
 from cleanmessy.training import train_model
 
-from conftest import SHARED
+from conftest import SHARED, labelled_photos
 
 NO_AUGMENT = AugmentParams(flip="none", rotation=0.0)
 WEIGHTS = SHARED / "keras-weights"
@@ -27,16 +25,7 @@ def tiny(**changes) -> TrainParams:
 def frames(tmp_path_factory):
     """12 tiny labelled images on disk (bright = messy) and train/val frames pointing at them."""
     root = tmp_path_factory.mktemp("root")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(12):
-        label = ("clean", "messy")[i % 2]
-        path = f"images/{label}/{i}.png"
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        base = 60 if label == "clean" else 190
-        Image.fromarray(rng.integers(base - 40, base + 40, (40, 40, 3), dtype=np.uint8)).save(root / path)
-        rows.append({"path": path, "label": label})
-    frame = pd.DataFrame(rows)
+    frame = labelled_photos(root, 12, 40)
     return root, frame.iloc[:8], frame.iloc[8:]
 
 
