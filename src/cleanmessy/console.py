@@ -9,6 +9,10 @@ import os
 import re
 import sys
 import threading
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # TensorFlow's C++ start-up lines: written to file descriptor 2 by absl before any Python logging
 # is set up (so TF_CPP_MIN_LOG_LEVEL does not silence them), once per shared library that logs.
@@ -81,3 +85,13 @@ def setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else level)
+
+
+def progress(iterable: Iterable[T], total: int | None, desc: str, unit: str = "photo") -> Iterator[T]:
+    """A progress bar on stderr for long work (ingest's checks, decoding, feature extraction),
+    drawn only on a terminal: under CI or with output to a file it prints nothing, and the stage's
+    own log lines say what was done."""
+    from tqdm import tqdm
+
+    return iter(tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=None,
+                     mininterval=0.5, dynamic_ncols=True, leave=False))
