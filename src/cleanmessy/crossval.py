@@ -72,7 +72,7 @@ def run_fold(fit_rows: pd.DataFrame, val_rows: pd.DataFrame, test_rows: pd.DataF
     history = train_model(model, fit_rows, val_rows, paths.root, class_names, b.image_size, p, b.seed)
     seconds = time.perf_counter() - started
     predictor = Predictor(model, b.image_size, p.batch_size)
-    probs = predictor.predict_split(test_rows, paths.root, class_names)
+    probs = predictor.predict_split(test_rows, paths.root)
     batch = np.stack([load_for_model(paths.root / path, b.image_size) for path in test_rows["path"]])
     return {"accuracy": float(np.mean(probs.argmax(1) == label_indices(test_rows, class_names))),
             "train_seconds": seconds, "epochs_run": len(history), "n_train": len(fit_rows), "n_test": len(test_rows),

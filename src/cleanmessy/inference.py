@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cleanmessy.errors import UserError
-from cleanmessy.inputs import image_read_errors, make_dataset
+from cleanmessy.inputs import decode_batches
 from cleanmessy.layers import CUSTOM_OBJECTS
 from cleanmessy.models import PASSES_PER_STEP, photos_per_step
 
@@ -65,12 +65,13 @@ class Predictor:
         return np.concatenate([self._forward(batch[i:i + self.step]).numpy()
                                for i in range(0, len(batch), self.step)])
 
-    def predict_split(self, frame: pd.DataFrame, root: Path, class_names: list[str]) -> np.ndarray:
-        """Probabilities for every image of a split frame (paths relative to `root`), decoded by
-        the training input pipeline; an unreadable image is a one-line UserError."""
-        dataset = make_dataset(frame, root, class_names, self.image_size, self.step)
-        with image_read_errors():
-            return np.concatenate([self._forward(images).numpy() for images, _ in dataset])
+    def predict_split(self, frame: pd.DataFrame, root: Path) -> np.ndarray:
+        """Probabilities for every image of a split frame (paths relative to `root`), decoded as
+        in training and streamed (memory does not grow with the split); an unreadable image is a
+        one-line UserError."""
+        files = [str(root / p) for p in frame["path"]]
+        probs = [self._forward(images).numpy() for images in decode_batches(files, self.image_size, self.step)]
+        return np.concatenate(probs) if probs else np.zeros((0, self.model.output_shape[-1]), np.float32)
 
     def photos_per_second(self, batch: np.ndarray, rounds: int = 3) -> float:
         """Throughput of the forward pass alone (no decoding) on `batch`, best of `rounds`, after

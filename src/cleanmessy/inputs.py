@@ -1,23 +1,30 @@
-"""The tf.data input pipeline: a split CSV -> batches of (uint8 image, label index).
+"""The input pipeline: a split CSV -> batches of (uint8 image, label index).
 
-Decoding goes through `images.load_for_model`, the same function predict and the app use."""
+Decoding goes through `images.load_for_model`, the same function predict and the app use, on a
+thread per CPU. Memory is bounded by settings, not by the number of photos: training decodes each
+image once into a `RowStore` (in memory up to `train.memory_mb`, else a scratch file), shuffles
+indices, not images, and single passes stream through `decode_batches`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import re
-from collections.abc import Iterator
+import os
+import tempfile
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from cleanmessy.console import progress
 from cleanmessy.errors import UserError
 from cleanmessy.images import ImageError, load_for_model
 
 _UNREADABLE = "unreadable image"
+DEFAULT_MEMORY_MB = 512  # train.memory_mb's default: decoded images and features held in memory up to this
 
 
 @dataclass(frozen=True)
@@ -41,22 +48,6 @@ class ModelSpec:
         return cls(raw["class_names"], raw["image_size"])
 
 
-@contextlib.contextmanager
-def image_read_errors() -> Iterator[None]:
-    """Turn an unreadable image met inside tf.data (where TensorFlow wraps the Python error in
-    an OpError with a long trace) into a UserError naming the file."""
-    import tensorflow as tf
-
-    try:
-        yield
-    except tf.errors.OpError as exc:
-        found = re.search(rf"{_UNREADABLE} (.*?)(?:\n|$)", exc.message)
-        if not found:
-            raise
-        raise UserError(f"{_UNREADABLE} {found.group(1)}; rerun `dvc repro --force ingest` to rebuild "
-                        "data/images from the source") from None
-
-
 def read_split(csv: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(csv, keep_default_na=False)
@@ -71,27 +62,137 @@ def label_indices(frame: pd.DataFrame, class_names: list[str]) -> np.ndarray:
     return frame["label"].map({c: i for i, c in enumerate(class_names)}).to_numpy(np.int32)
 
 
-def make_dataset(frame: pd.DataFrame, root: Path, class_names: list[str], image_size: int,
-                 batch_size: int, shuffle_seed: int | None = None):  # -> tf.data.Dataset
-    """Decode, resize, cache, (shuffle,) batch, prefetch. Decoded images are cached in memory, so
-    epochs after the first read no file."""
-    import tensorflow as tf  # here, not at the top: plot reads splits too and needs no TensorFlow
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
-    files = [str(root / p) for p in frame["path"]]
-    labels = label_indices(frame, class_names)
 
-    def load(path: bytes) -> np.ndarray:
-        try:
-            return load_for_model(Path(path.decode()), image_size)
-        except (ImageError, OSError) as exc:
-            raise ValueError(f"{_UNREADABLE} {path.decode()}: {exc}") from None
+def unreadable(path: str, exc: Exception) -> UserError:
+    return UserError(f"{_UNREADABLE} {path}: {exc}; rerun `dvc repro --force ingest` to rebuild data/images "
+                     "from the source")
 
-    def decode(path, label):
-        image = tf.numpy_function(load, [path], tf.uint8, stateful=False)
-        return tf.ensure_shape(image, (image_size, image_size, 3)), label
 
-    ds = tf.data.Dataset.from_tensor_slices((files, labels))
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
+def _decode(path: str, image_size: int) -> np.ndarray:
+    try:
+        return load_for_model(Path(path), image_size)
+    except (ImageError, OSError) as exc:
+        raise unreadable(path, exc) from None
+
+
+def decode_batches(files: Sequence[str], image_size: int, batch_size: int,
+                   desc: str = "decoding") -> Iterator[np.ndarray]:
+    """`files` decoded by `load_for_model` (the one decode path), in order, `batch_size` at a time.
+    A thread per usable CPU decodes (Pillow releases the GIL while it decodes and resizes); at most
+    a few batches are in flight, so memory does not grow with the number of files."""
+    workers = usable_cpus()
+    in_flight = max(2 * batch_size, 8 * workers)
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        pending: deque[Future] = deque()
+        todo = iter(files)
+        batch: list[np.ndarray] = []
+        for _ in progress(range(len(files)), len(files), desc):
+            while len(pending) < in_flight and (path := next(todo, None)) is not None:
+                pending.append(pool.submit(_decode, path, image_size))
+            batch.append(pending.popleft().result())
+            if len(batch) == batch_size:
+                yield np.stack(batch)
+                batch = []
+        if batch:
+            yield np.stack(batch)
+
+
+def scratch_dir(root: Path) -> Path:
+    """Where spilled caches go: DVC's own scratch folder of the project when there is one (git and
+    DVC ignore it), else the project root. Files there are unlinked at creation, so nothing is
+    left behind, even by a killed run."""
+    dvc_tmp = root / ".dvc" / "tmp"
+    return dvc_tmp if dvc_tmp.is_dir() else root
+
+
+class RowStore:
+    """A fixed number of equal rows (decoded images, feature vectors), written once in order and then
+    read by index: in memory while they fit `budget_bytes`, else in an unlinked scratch file read
+    with pread, so the process holds only the rows a batch asks for (the OS page cache keeps the
+    file's hot part, outside the process's memory)."""
+
+    def __init__(self, n_rows: int, row_shape: tuple[int, ...], dtype: str, budget_bytes: int, scratch: Path) -> None:
+        self.n_rows, self.row_shape, self.dtype = n_rows, row_shape, np.dtype(dtype)
+        self.row_bytes = int(np.prod(row_shape)) * self.dtype.itemsize
+        self.written = 0
+        self.in_memory = n_rows * self.row_bytes <= budget_bytes
+        if self.in_memory:
+            self._array = np.empty((n_rows, *row_shape), self.dtype)
+        else:
+            try:
+                self._file = tempfile.TemporaryFile(dir=scratch)
+            except OSError as exc:
+                size_mb = n_rows * self.row_bytes / 1e6
+                raise UserError(f"cannot create a scratch file in {scratch} for {size_mb:,.0f} MB of cached data "
+                                f"({exc}); raise train.memory_mb or free the folder") from None
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_rows * self.row_bytes
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, self.dtype)
+        if self.in_memory:
+            self._array[self.written:self.written + len(rows)] = rows
+        else:
+            try:
+                os.pwrite(self._file.fileno(), rows.tobytes(), self.written * self.row_bytes)
+            except OSError as exc:
+                raise UserError(f"cannot write the cache of decoded data to {self._file.name!s} ({exc}); free "
+                                "disk space or raise train.memory_mb") from None
+        self.written += len(rows)
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """The rows at `indices`, in that order."""
+        if self.in_memory:
+            return self._array[indices]
+        out = np.empty((len(indices), *self.row_shape), self.dtype)
+        fd = self._file.fileno()
+        for i, index in enumerate(indices):
+            out[i] = np.frombuffer(os.pread(fd, self.row_bytes, int(index) * self.row_bytes), self.dtype
+                                   ).reshape(self.row_shape)
+        return out
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 in one read."""
+        if self.in_memory:
+            return self._array[start:stop]
+        raw = os.pread(self._file.fileno(), (stop - start) * self.row_bytes, start * self.row_bytes)
+        return np.frombuffer(raw, self.dtype).reshape(stop - start, *self.row_shape)
+
+
+def store_dataset(store: RowStore, labels: np.ndarray, batch_size: int, shuffle_seed: int | None = None,
+                  repeat: bool = False):  # -> tf.data.Dataset
+    """Batches of (rows, labels) from `store`. Only indices are shuffled (8 bytes a row, the whole
+    split at once): the same permutation tf.data would draw over the rows themselves."""
+    import tensorflow as tf
+
+    rows = tf.data.Dataset.range(store.n_rows)
     if shuffle_seed is not None:
-        ds = ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        rows = rows.shuffle(store.n_rows, seed=shuffle_seed, reshuffle_each_iteration=True)
+    if repeat:
+        rows = rows.repeat()
+    labels = tf.constant(labels)
+    tf_dtype = tf.as_dtype(store.dtype)
+
+    def lookup(indices):
+        batch = tf.numpy_function(store.read, [indices], tf_dtype, stateful=False)
+        return tf.ensure_shape(batch, (None, *store.row_shape)), tf.gather(labels, indices)
+
+    return rows.batch(batch_size).map(lookup, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def make_dataset(frame: pd.DataFrame, root: Path, class_names: list[str], image_size: int, batch_size: int,
+                 shuffle_seed: int | None = None, memory_mb: int = DEFAULT_MEMORY_MB, repeat: bool = False):
+    """For training (several passes): decode every image once, in parallel, into a RowStore (in
+    memory up to `memory_mb`, else a scratch file), then batches of (uint8 image, label index),
+    shuffled when a seed is given. Single passes (prediction, features) use `decode_batches`."""
+    labels = label_indices(frame, class_names)
+    store = RowStore(len(frame), (image_size, image_size, 3), "uint8", memory_mb << 20, scratch_dir(root))
+    for batch in decode_batches([str(root / p) for p in frame["path"]], image_size, 256, "decoding images"):
+        store.append(batch)
+    return store_dataset(store, labels, batch_size, shuffle_seed, repeat)

@@ -83,6 +83,9 @@ class TrainParams:
     # logistic regression on standardised cached features (no epochs), folded into that layer.
     head: Literal["dense", "logistic"] = "dense"
     head_c: float = 0.1  # logistic head: inverse L2 strength (scikit-learn's C)
+    # Scale (README "Scaling out"): where training runs, and how much decoded data it keeps in memory.
+    distribute: Literal["none", "mirrored", "multi_worker"] = "none"  # tf.distribute strategy
+    memory_mb: int = 512  # decoded images and features in memory up to this; beyond, a scratch file
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ def _check_values(p: Params) -> None:
         "train.batch_size": p.train.batch_size,
         "train.learning_rate": p.train.learning_rate,
         "train.dense_units": p.train.dense_units,
+        "train.memory_mb": p.train.memory_mb,
         "ingest.min_side": p.ingest.min_side,
         "ingest.max_pixels": p.ingest.max_pixels,
         "plot.grid_images": p.plot.grid_images,
@@ -302,7 +306,7 @@ def used_train_params(t: TrainParams) -> dict[str, Any]:
     """The `train.*` params the chosen architecture and head actually use, flattened: what MLflow
     and the model card show (a seed_cnn run has no ImageNet weights, a logistic head no epochs)."""
     flat = flatten(t, "train.")
-    keys = {"arch", "batch_size", "augment.flip", "augment.rotation"}
+    keys = {"arch", "batch_size", "augment.flip", "augment.rotation", "distribute", "memory_mb"}
     if t.arch == "seed_cnn":
         keys |= {"epochs", "learning_rate", "patience", "filters", "dense_units", "dropout"}
     else:

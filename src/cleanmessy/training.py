@@ -1,18 +1,22 @@
-"""Training, as stages and benchmarks call it: fit with early stopping, the transfer-learning
-phases (a head on cached backbone features, then fine-tuning the top of the backbone), and the
-logistic head. No I/O and no tracking: each epoch's metrics go to an `on_epoch` callback."""
+"""Training, as stages and benchmarks call it: fit with early stopping (on one device, or across
+devices and machines through tf.distribute), the transfer-learning phases (a head on cached
+backbone features, then fine-tuning the top of the backbone), and the logistic head. Memory is
+bounded by `train.memory_mb`, not by the number of photos: features spill to a scratch file and
+the logistic head then trains by SGD in chunks. No tracking: each epoch's metrics go to an
+`on_epoch` callback."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
 
-from cleanmessy.inputs import image_read_errors, label_indices, make_dataset
+from cleanmessy.distribute import DistributedBatches, distributed_batches, distributed_fit, strategy_scope
+from cleanmessy.inputs import RowStore, decode_batches, label_indices, make_dataset, scratch_dir, store_dataset
 from cleanmessy.models import (
     DROPOUT,
     PROBABILITIES,
@@ -58,24 +62,43 @@ class EpochReporter(keras.callbacks.Callback):
 
 def fit(model: keras.Model, train_ds, val_ds, epochs: int, patience: int, phase: str = "train",
         first_epoch: int = 1, on_epoch: OnEpoch | None = None) -> pd.DataFrame:
-    """Train with early stopping on val loss, keeping the best epoch's weights; the history."""
+    """Train with early stopping on val loss, keeping the best epoch's weights; the history. The
+    datasets are tf.data datasets, or `DistributedBatches` to train across replicas."""
     callbacks: list = [keras.callbacks.EarlyStopping("val_loss", patience=patience, restore_best_weights=True),
                        EpochReporter(first_epoch, epochs, phase, on_epoch)]
-    # shuffle=False: the dataset shuffles itself (Keras warns that it ignores shuffle=True here)
-    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0, shuffle=False,
-                        callbacks=callbacks)
-    frame = pd.DataFrame([epoch_metrics(dict(zip(history.history, values)))
-                          for values in zip(*history.history.values())])
+    if isinstance(train_ds, DistributedBatches):
+        values = distributed_fit(model, train_ds, val_ds, epochs, callbacks)
+    else:
+        # shuffle=False: the dataset shuffles itself (Keras warns that it ignores shuffle=True here)
+        values = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0, shuffle=False,
+                           callbacks=callbacks).history
+    frame = pd.DataFrame([epoch_metrics(dict(zip(values, row))) for row in zip(*values.values())])
     frame.insert(0, "epoch", range(first_epoch, first_epoch + len(frame)))
     frame.insert(1, "phase", phase)
     return frame[HISTORY_COLUMNS]
 
 
-def cached_features(model: keras.Model, images) -> np.ndarray:
-    """(photos, views, features): the pooled backbone features of every view of every photo, from
-    one forward pass each."""
+def cached_features(model: keras.Model, batches: Iterable[np.ndarray], n_photos: int, budget_bytes: int,
+                    scratch: Path) -> RowStore:
+    """The pooled backbone features of every view of every photo, from one forward pass each: one
+    row per (photo, view), photo by photo, in memory up to `budget_bytes`, else in a scratch file."""
+    import tensorflow as tf
+
     extractor = keras.Model(model.inputs, model.get_layer(VIEW_FEATURES).output)
-    return extractor.predict(images, verbose=0)
+    _, n_views, n_features = extractor.output_shape
+    forward = tf.function(lambda x: extractor(x, training=False), input_signature=[
+        tf.TensorSpec([None, *model.input_shape[1:]], tf.uint8)])
+    store = RowStore(n_photos * n_views, (n_features,), "float32", budget_bytes, scratch)
+    for batch in batches:
+        store.append(forward(batch).numpy().reshape(-1, n_features))
+    return store
+
+
+def view_means(store: RowStore, n_views: int, chunk: int = 1024) -> np.ndarray:
+    """(photos, features): the mean of each photo's views, as the model averages them."""
+    n_photos, n_features = store.n_rows // n_views, store.row_shape[0]
+    return np.concatenate([store.read_range(i * n_views, min(i + chunk, n_photos) * n_views)
+                           .reshape(-1, n_views, n_features).mean(axis=1) for i in range(0, n_photos, chunk)])
 
 
 def head_model(model: keras.Model, n_features: int) -> keras.Model:
@@ -88,18 +111,61 @@ def head_model(model: keras.Model, n_features: int) -> keras.Model:
     return keras.Model(features, model.get_layer(PROBABILITIES)(out))
 
 
-def fit_logistic(features: np.ndarray, labels: np.ndarray, n_classes: int, c: float) -> tuple[np.ndarray, np.ndarray]:
+SGD_PASSES = 5  # passes of the chunked SGD over the features (the exact solver needs none)
+
+
+def _moments(store: RowStore, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of every feature, in float64, two passes over chunks."""
+    n = store.n_rows
+    total = sum(store.read_range(i, min(i + chunk, n)).astype(np.float64).sum(axis=0) for i in range(0, n, chunk))
+    mean = total / n
+    squares = sum(((store.read_range(i, min(i + chunk, n)) - mean) ** 2).sum(axis=0) for i in range(0, n, chunk))
+    return mean, np.sqrt(squares / n)
+
+
+def _sgd_logistic(store: RowStore, labels: np.ndarray, mean: np.ndarray, scale: np.ndarray, n_classes: int,
+                  c: float, chunk: int, seed: int):
+    """The same objective as LogisticRegression(C=c) (divided by C·n), by averaged SGD over
+    shuffled chunks of rows read from `store`: for features that do not fit in memory."""
+    from sklearn.linear_model import SGDClassifier
+
+    n = store.n_rows
+    sgd = SGDClassifier(loss="log_loss", alpha=1.0 / (c * n), average=True, random_state=seed)
+    rng = np.random.default_rng(seed)
+    for _ in range(SGD_PASSES):
+        for start in rng.permutation(np.arange(0, n, chunk)):
+            stop = min(start + chunk, n)
+            order = rng.permutation(stop - start)
+            x = (store.read_range(start, stop).astype(np.float64) - mean) / scale
+            sgd.partial_fit(x[order], labels[start:stop][order], classes=np.arange(n_classes))
+    return sgd
+
+
+def fit_logistic(store: RowStore, labels: np.ndarray, n_classes: int, c: float, budget_bytes: int,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """An L2-regularised logistic regression on standardised features, returned as the `(kernel,
     bias)` of a softmax Dense layer on the raw features: the standardisation is folded in, and a
-    binary model's one logit z becomes the pair (-z/2, z/2), whose softmax is the same sigmoid."""
+    binary model's one logit z becomes the pair (-z/2, z/2), whose softmax is the same sigmoid.
+    scikit-learn's exact solver when the float64 features and their standardised copy fit
+    `budget_bytes`, else SGD on chunks of that size."""
     from sklearn.linear_model import LogisticRegression
 
-    features = features.astype(np.float64)  # float32 variances of tiny features underflow to 0
-    mean, scale = features.mean(axis=0), features.std(axis=0)
-    scale[scale == 0] = 1.0  # constant features (dead units) carry no information
-    fitted = LogisticRegression(C=c, max_iter=5000).fit((features - mean) / scale, labels)
-    if list(fitted.classes_) != list(range(n_classes)):
-        raise ValueError(f"training labels {list(fitted.classes_)} do not cover all {n_classes} classes")
+    n_features = store.row_shape[0]
+    if 2 * store.n_rows * n_features * 8 <= budget_bytes:
+        # float64: float32 variances of tiny features underflow to 0
+        features = store.read_range(0, store.n_rows).astype(np.float64)
+        mean, scale = features.mean(axis=0), features.std(axis=0)
+        scale[scale == 0] = 1.0  # constant features (dead units) carry no information
+        fitted = LogisticRegression(C=c, max_iter=5000).fit((features - mean) / scale, labels)
+    else:
+        chunk = max(1024, budget_bytes // (4 * n_features * 8))
+        mean, scale = _moments(store, chunk)
+        scale[scale == 0] = 1.0
+        log.info("train: %d feature rows (%.0f MB) over train.memory_mb: logistic head by SGD in chunks of %d",
+                 store.n_rows, store.nbytes / 1e6, chunk)
+        fitted = _sgd_logistic(store, labels, mean, scale, n_classes, c, chunk, seed)
+    if list(fitted.classes_) != list(range(n_classes)) or len(set(labels.tolist())) < n_classes:
+        raise ValueError(f"training labels {sorted(set(labels.tolist()))} do not cover all {n_classes} classes")
     coef, intercept = fitted.coef_, fitted.intercept_
     if n_classes == 2:
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
@@ -107,30 +173,29 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, n_classes: int, c: fl
     return kernel.astype("float32"), (intercept - kernel.T @ mean).astype("float32")
 
 
-def fit_head_on_features(model: keras.Model, train_images, val_images, labels: tuple[np.ndarray, np.ndarray],
-                         p: TrainParams, seed: int, on_epoch: OnEpoch | None = None) -> pd.DataFrame:
+def fit_head_on_features(model: keras.Model, train_features: RowStore, val_x: np.ndarray,
+                         labels: tuple[np.ndarray, np.ndarray], p: TrainParams, seed: int,
+                         on_epoch: OnEpoch | None = None) -> pd.DataFrame:
     """Phase 1 with a frozen backbone and no augmentation: the backbone sees every image once,
     and only the head trains, on the cached features. Same result as training the whole model
     with the backbone frozen, at the cost of one forward pass instead of one per epoch. Every view
     of a training photo is a training sample; validation uses the views' mean, as the model does."""
     import tensorflow as tf
 
-    train_views = cached_features(model, train_images)
-    _, n_views, n_features = train_views.shape
-    train_x, train_y = train_views.reshape(-1, n_features), np.repeat(labels[0], n_views)
-    val_x = cached_features(model, val_images).mean(axis=1)
+    n_views, n_features = train_features.n_rows // len(labels[0]), train_features.row_shape[0]
+    train_y = np.repeat(labels[0], n_views)
     head = compile_model(head_model(model, n_features), p.learning_rate)
     if p.head == "logistic":
         n_classes = model.get_layer(PROBABILITIES).units
-        model.get_layer(PROBABILITIES).set_weights(list(fit_logistic(train_x, train_y, n_classes, p.head_c)))
-        loss, accuracy = head.evaluate(train_x, train_y, verbose=0)
+        weights = fit_logistic(train_features, train_y, n_classes, p.head_c, p.memory_mb << 20, seed)
+        model.get_layer(PROBABILITIES).set_weights(list(weights))
+        loss, accuracy = head.evaluate(store_dataset(train_features, train_y, 32), verbose=0)
         val_loss, val_accuracy = head.evaluate(val_x, labels[1], verbose=0)
         row = {"train_loss": loss, "train_accuracy": accuracy, "val_loss": val_loss, "val_accuracy": val_accuracy}
         if on_epoch:
             on_epoch(row, 1)
         return pd.DataFrame([{"epoch": 1, "phase": "head", **row}])
-    train_ds = (tf.data.Dataset.from_tensor_slices((train_x, train_y))
-                .shuffle(len(train_x), seed=seed).batch(p.batch_size))
+    train_ds = store_dataset(train_features, train_y, p.batch_size, shuffle_seed=seed)
     val_ds = tf.data.Dataset.from_tensor_slices((val_x, labels[1])).batch(p.batch_size)
     return fit(head, train_ds, val_ds, p.epochs, p.patience, "head", on_epoch=on_epoch)
 
@@ -143,7 +208,8 @@ def fine_tune(model: keras.Model, train_ds, val_ds, p: TrainParams, history: pd.
     best_before = float(history["val_loss"].min())
     trainable = unfreeze_top(model, p.fine_tune_layers)
     log.info("train: fine-tuning the top %d backbone layers (%d trainable)", p.fine_tune_layers, trainable)
-    compile_model(model, p.fine_tune_learning_rate)
+    with strategy_scope(train_ds):  # a new optimizer: its variables are mirrored like the model's
+        compile_model(model, p.fine_tune_learning_rate)
     tuned = fit(model, train_ds, val_ds, p.fine_tune_epochs, p.patience, "fine_tune",
                 first_epoch=len(history) + 1, on_epoch=on_epoch)
     if tuned["val_loss"].min() > best_before:
@@ -154,20 +220,38 @@ def fine_tune(model: keras.Model, train_ds, val_ds, p: TrainParams, history: pd.
 
 def train_model(model: keras.Model, train_frame: pd.DataFrame, val_frame: pd.DataFrame, root: Path,
                 class_names: list[str], image_size: int, p: TrainParams, seed: int,
-                on_epoch: OnEpoch | None = None) -> pd.DataFrame:
+                on_epoch: OnEpoch | None = None, strategy=None) -> pd.DataFrame:
     """All training phases `train.*` asks for; returns the history (one row per epoch). Each
-    epoch's metrics go to `on_epoch(metrics, step)` (the train stage logs them to MLflow)."""
-    train_ds = make_dataset(train_frame, root, class_names, image_size, p.batch_size, shuffle_seed=seed)
-    val_ds = make_dataset(val_frame, root, class_names, image_size, p.batch_size)
+    epoch's metrics go to `on_epoch(metrics, step)` (the train stage logs them to MLflow). With a
+    tf.distribute `strategy` (the model built in its scope), each worker trains on its shard."""
+    budget, scratch = p.memory_mb << 20, scratch_dir(root)
+
+    def images(frame: pd.DataFrame, shuffle: bool):
+        if strategy is None:
+            return make_dataset(frame, root, class_names, image_size, p.batch_size,
+                                shuffle_seed=seed if shuffle else None, memory_mb=p.memory_mb)
+        return distributed_batches(strategy, frame, p.batch_size, lambda shard, batch_size: make_dataset(
+            shard, root, class_names, image_size, batch_size, shuffle_seed=seed if shuffle else None,
+            memory_mb=p.memory_mb, repeat=True))
+
+    datasets: list = []  # built once (each decodes its split): phase 2 reuses phase 1's
+
+    def image_datasets() -> list:
+        if not datasets:
+            datasets.extend([images(train_frame, True), images(val_frame, False)])
+        return datasets
+
     augmenting = p.augment.flip != "none" or p.augment.rotation > 0
-    with image_read_errors():
-        if is_transfer(p) and not augmenting:
-            step = photos_per_step(model, p.batch_size)  # feature extraction only: small steps, less memory
-            ordered = [make_dataset(frame, root, class_names, image_size, step) for frame in (train_frame, val_frame)]
-            labels = (label_indices(train_frame, class_names), label_indices(val_frame, class_names))
-            history = fit_head_on_features(model, *ordered, labels, p, seed, on_epoch)
-        else:
-            history = fit(model, train_ds, val_ds, p.epochs, p.patience, on_epoch=on_epoch)
-        if fine_tunes(p):
-            history = fine_tune(model, train_ds, val_ds, p, history, on_epoch)
+    if is_transfer(p) and not augmenting:
+        labels = (label_indices(train_frame, class_names), label_indices(val_frame, class_names))
+        step = photos_per_step(model, p.batch_size)  # feature extraction only: small steps, less memory
+        stores = [cached_features(model, decode_batches([str(root / f) for f in frame["path"]], image_size, step,
+                                                        f"features ({name})"), len(frame), budget, scratch)
+                  for name, frame in (("train", train_frame), ("val", val_frame))]
+        val_x = view_means(stores[1], stores[1].n_rows // len(val_frame))
+        history = fit_head_on_features(model, stores[0], val_x, labels, p, seed, on_epoch)
+    else:
+        history = fit(model, *image_datasets(), p.epochs, p.patience, on_epoch=on_epoch)
+    if fine_tunes(p):
+        history = fine_tune(model, *image_datasets(), p, history, on_epoch)
     return history

@@ -31,7 +31,7 @@ def test_predictor_matches_keras_predict_in_steps_of_any_size(split):
     assert predictor.step == 3
     batch = np.random.default_rng(0).integers(0, 255, (7, 16, 16, 3), dtype=np.uint8)
     assert predictor(batch) == pytest.approx(model.predict(batch, verbose=0), abs=1e-6)
-    probs = predictor.predict_split(frame, root, ["clean", "messy"])
+    probs = predictor.predict_split(frame, root)
     assert probs.shape == (7, 2) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert predictor(batch[:0]).shape == (0, 2)
     assert predictor.photos_per_second(batch) > 0

@@ -120,7 +120,7 @@ def test_logistic_head_fits_once_on_every_view(frames):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from cleanmessy.inputs import make_dataset
+    from cleanmessy.inputs import decode_batches
     from cleanmessy.params import ViewParams
     from cleanmessy.training import cached_features
 
@@ -130,12 +130,15 @@ def test_logistic_head_fits_once_on_every_view(frames):
     model = build_model(2, 32, params, seed=0)
     history = train_model(model, train, val, root, classes, 32, params, seed=0)
     assert list(history["phase"]) == ["head"] and len(history) == 1
-    views = {name: cached_features(model, make_dataset(frame, root, classes, 32, 4)).astype("float64")
-             for name, frame in (("train", train), ("val", val))}
+    def photos(frame):
+        return decode_batches([str(root / p) for p in frame["path"]], 32, 4)
+
+    views = {name: cached_features(model, photos(frame), len(frame), 1 << 30, root).read_range(0, 10 * len(frame))
+             .reshape(len(frame), 10, -1).astype("float64") for name, frame in (("train", train), ("val", val))}
     assert views["train"].shape[1] == 10
     labels = np.repeat(train["label"].map({"clean": 0, "messy": 1}).to_numpy(), 10)
     sklearn = make_pipeline(StandardScaler(), LogisticRegression(C=params.head_c, max_iter=5000))
     sklearn.fit(views["train"].reshape(-1, views["train"].shape[-1]), labels)
-    images = np.concatenate([x for x, _ in make_dataset(val, root, classes, 32, 4)])
+    images = np.concatenate(list(photos(val)))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(images)),
                                sklearn.predict_proba(views["val"].mean(axis=1)), atol=1e-4)

@@ -20,6 +20,7 @@ from cleanmessy.layers import (
 from cleanmessy.models import build_model, photos_per_step
 from cleanmessy.params import parse_params
 from cleanmessy.serving.explain import gradcam_function
+from cleanmessy.inputs import RowStore
 from cleanmessy.training import fit_logistic
 
 NO_AUGMENT = {"flip": "none", "rotation": 0}
@@ -76,7 +77,7 @@ def test_logistic_head_equals_scikit_learns_pipeline(n_classes):
     x = rng.normal(size=(120, 6)) * [1, 2, 3, 0.5, 5, 1] + [0, 1, 2, 3, 4, 5]
     x[:, 3] = 7.0  # a constant feature (a dead unit) must not divide by zero
     y = np.digitize(x[:, 0] + x[:, 2] / 3, np.quantile(x[:, 0] + x[:, 2] / 3, np.linspace(0, 1, n_classes + 1)[1:-1]))
-    kernel, bias = fit_logistic(x, y, n_classes, c=0.1)
+    kernel, bias = fit_logistic(in_store(x), y, n_classes, c=0.1, budget_bytes=1 << 20)
     logits = x @ kernel + bias
     ours = np.exp(logits - logits.max(1, keepdims=True))
     ours /= ours.sum(1, keepdims=True)
@@ -116,3 +117,30 @@ def test_bad_view_and_head_params_name_the_key(changes, words):
     with pytest.raises(UserError) as excinfo:
         parse_params({"train": train})
     assert words in str(excinfo.value)
+
+
+def in_store(x: np.ndarray, budget_bytes: int = 1 << 30, scratch=None) -> RowStore:
+    store = RowStore(len(x), x.shape[1:], "float32", budget_bytes, scratch)
+    store.append(x)
+    return store
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    out = np.exp(logits - logits.max(1, keepdims=True))
+    return out / out.sum(1, keepdims=True)
+
+
+def test_logistic_head_over_the_memory_budget_trains_by_sgd_to_nearly_the_same_model(tmp_path):
+    """Features that do not fit train.memory_mb spill to a scratch file (nothing left in the
+    folder) and the logistic head trains by SGD on chunks: the same objective, so nearly the same
+    probabilities as the exact solver on the same rows."""
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(6000, 8)) * [1, 2, 3, 0.5, 5, 1, 1, 1] + [0, 1, 2, 3, 4, 5, 6, 7]).astype("float32")
+    y = (x[:, 0] + x[:, 2] / 3 + rng.normal(scale=0.5, size=len(x)) > 0.7).astype(int)
+    exact = fit_logistic(in_store(x), y, 2, c=0.1, budget_bytes=1 << 30)
+    spilled = in_store(x, budget_bytes=1000, scratch=tmp_path)
+    assert not spilled.in_memory and list(tmp_path.iterdir()) == []
+    by_sgd = fit_logistic(spilled, y, 2, c=0.1, budget_bytes=1000)
+    p_exact, p_sgd = softmax(x @ exact[0] + exact[1]), softmax(x @ by_sgd[0] + by_sgd[1])
+    assert np.mean(p_exact.argmax(1) == p_sgd.argmax(1)) > 0.98
+    assert np.abs(p_exact - p_sgd).max() < 0.1

@@ -61,8 +61,9 @@ def test_best_configuration_learns_the_real_photos(tmp_path, monkeypatch):
     photos right. Chance is 10; the seed CNN gets 11."""
     import numpy as np
 
-    from cleanmessy.inputs import label_indices, make_dataset
-    from cleanmessy.models import build_model, photos_per_step
+    from cleanmessy.inference import Predictor
+    from cleanmessy.inputs import label_indices
+    from cleanmessy.models import build_model
     from cleanmessy.params import load_changes
     from cleanmessy.training import train_model
 
@@ -77,6 +78,6 @@ def test_best_configuration_learns_the_real_photos(tmp_path, monkeypatch):
     model = build_model(2, size, p, params.base.seed)
     parts = {name: frame[frame["split"] == name] for name in ("train", "val", "test")}
     train_model(model, parts["train"], parts["val"], tmp_path, classes, size, p, params.base.seed)
-    probs = model.predict(make_dataset(parts["test"], tmp_path, classes, size, photos_per_step(model, 32)), verbose=0)
+    probs = Predictor(model, size, 32).predict_split(parts["test"], tmp_path)
     correct = int(np.sum(probs.argmax(1) == label_indices(parts["test"], classes)))
     assert correct >= 18, f"{correct}/20 test photos right"

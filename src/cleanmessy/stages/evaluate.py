@@ -129,7 +129,7 @@ def compare_with_production(name: str, test_frame: pd.DataFrame, correct: np.nda
                 return tracking.Comparison(**{**comparison, "n_unseen": 0, "candidate_correct": 0, "incomparable": (
                     f"{exc}, so the two cannot be compared")})
             rows = test_frame[unseen]
-            probs = Predictor(other, int(meta["image_size"]), batch_size).predict_split(rows, root, class_names)
+            probs = Predictor(other, int(meta["image_size"]), batch_size).predict_split(rows, root)
             comparison["production_correct"] = int((probs.argmax(axis=1) == label_indices(rows, class_names)).sum())
     return tracking.Comparison(**comparison)
 
@@ -178,9 +178,8 @@ def main(paths: Paths, params: Params) -> None:
     model = load_model_file(paths.model)
     # All in the training run: if anything fails, MLflow marks the run FAILED and nothing is registered.
     with tracking.resume_training_run(paths) as run_id:
-        probs = Predictor(model, spec.image_size, params.train.batch_size).predict_split(test_frame, paths.root,
-                                                                                        spec.class_names)
         y_true = label_indices(test_frame, spec.class_names)
+        probs = Predictor(model, spec.image_size, params.train.batch_size).predict_split(test_frame, paths.root)
         test = compute_metrics(y_true, probs, spec.class_names)
         log.info("evaluate: test accuracy %.4f [%.4f, %.4f] on %d images, loss %.4f", test["accuracy"],
                  test["accuracy_ci95_low"], test["accuracy_ci95_high"], test["n"], test["loss"])

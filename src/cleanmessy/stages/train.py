@@ -1,12 +1,16 @@
 """train: data/splits/{train,val}.csv -> pipeline/model.keras, pipeline/history.csv, pipeline/run.json.
 
 Opens the MLflow run that evaluate and plot add to: all params, lineage tags, per-epoch metrics.
+Under `train.distribute: multi_worker` every worker runs this stage; only the chief opens the run
+and writes the outputs, the others train their shard and exit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
 from datetime import datetime
 
@@ -15,6 +19,7 @@ import pandas as pd
 
 from cleanmessy import tracking
 from cleanmessy.card import describe_data
+from cleanmessy.distribute import Task, make_strategy
 from cleanmessy.inputs import ModelSpec, read_split
 from cleanmessy.lineage import lineage_tags, manifest_hash, run_name
 from cleanmessy.models import build_model, save_model
@@ -37,9 +42,28 @@ def describe_run(p: TrainParams, data: dict, n_train: int, n_val: int, tags: dic
     return "\n\n".join(lines)
 
 
+def train_for_the_chief(frames: tuple[pd.DataFrame, pd.DataFrame], params: Params, paths: Paths, strategy,
+                        task: Task) -> None:
+    """A worker other than the chief: train its shard in lockstep with the others, log nothing
+    and write nothing (the chief logs the one MLflow run and saves the model)."""
+    b, p = params.base, params.train
+    class_names = sorted(set(frames[0]["label"]))
+    with strategy.scope():
+        model = build_model(len(class_names), b.image_size, p, b.seed)
+    log.info("train: worker %d of %d, training with the chief (worker 0), which logs the run and saves the model",
+             task.index, task.workers)
+    train_model(model, *frames, paths.root, class_names, b.image_size, p, b.seed, strategy=strategy)
+    log.info("train: worker %d of %d done", task.index, task.workers)
+
+
 def main(paths: Paths, params: Params) -> None:
     b, p = params.base, params.train
     train_frame, val_frame = read_split(paths.split_csv("train")), read_split(paths.split_csv("val"))
+    # Before any other TensorFlow work: MultiWorkerMirroredStrategy sets up the cluster.
+    strategy, task = make_strategy(p, os.environ.get("TF_CONFIG"))
+    if not task.chief:
+        train_for_the_chief((train_frame, val_frame), params, paths, strategy, task)
+        return
     class_names = sorted(set(train_frame["label"]))
     report = json.loads(paths.ingest_report.read_text())
     data = describe_data(report)
@@ -52,17 +76,21 @@ def main(paths: Paths, params: Params) -> None:
     # The run starts before the model is built: building seeds Python's random generator, and
     # MLflow would then draw the same random run name every time.
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
-        model = build_model(len(class_names), b.image_size, p, b.seed)
-        log.info("train: MLflow run %s (%s); %s on %d images, %d classes", name, run.info.run_id, p.arch,
-                 len(train_frame), len(class_names))
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            model = build_model(len(class_names), b.image_size, p, b.seed)
+        replicas = strategy.num_replicas_in_sync if strategy else 1
+        log.info("train: MLflow run %s (%s); %s on %d images, %d classes%s", name, run.info.run_id, p.arch,
+                 len(train_frame), len(class_names),
+                 f", {replicas} replicas on {task.workers} worker(s)" if strategy else "")
         mlflow.log_params({"base.seed": b.seed, "base.image_size": b.image_size, **used_train_params(p),
-                           "n_train": len(train_frame), "n_val": len(val_frame), "class_names": ",".join(class_names)})
+                           "n_train": len(train_frame), "n_val": len(val_frame), "class_names": ",".join(class_names),
+                           "replicas": replicas})
         tracking.log_manifest(pd.read_csv(paths.manifest, keep_default_na=False), report["source"],
                               f"{data['kind']}-manifest", manifest_sha256)
         tracking.log_training_images(list(train_frame["sha256"]) + list(val_frame["sha256"]))
         started = time.perf_counter()
         history = train_model(model, train_frame, val_frame, paths.root, class_names, b.image_size, p, b.seed,
-                              on_epoch=lambda metrics, step: mlflow.log_metrics(metrics, step=step))
+                              on_epoch=lambda metrics, step: mlflow.log_metrics(metrics, step=step), strategy=strategy)
         mlflow.log_metric("train_seconds", time.perf_counter() - started)
         best = int(history["val_loss"].idxmin())
         mlflow.log_metrics({"train_best_epoch": best + 1, "train_epochs_run": len(history)})
