@@ -2,6 +2,8 @@
 
 import hashlib
 import io
+import json
+import tempfile
 import threading
 import zipfile
 from functools import partial
@@ -13,7 +15,8 @@ import pytest
 from PIL import Image
 
 from cleanmessy.errors import UserError
-from cleanmessy.params import IngestParams
+from cleanmessy.params import IngestParams, Params
+from cleanmessy.project import Paths
 from cleanmessy.stages import ingest
 from cleanmessy.stages.ingest import (
     Accepted,
@@ -461,6 +464,60 @@ def test_url_not_found(tmp_path, http_root):
     _, base = http_root
     with pytest.raises(UserError, match="could not download"):
         ingest_path(f"{base}/missing.zip", tmp_path, sha256="0" * 64)
+
+
+@pytest.mark.parametrize("has_dvc", [True, False], ids=["dvc-project", "plain-folder"])
+def test_url_download_stays_inside_the_project_and_is_removed(tmp_path, http_root, monkeypatch, has_dvc):
+    """The stage downloads into a temporary folder under .dvc/tmp (DVC's git-ignored scratch
+    folder; the project root when there is no .dvc/), never the system's temp folder, and that
+    folder is gone afterwards, also when the download fails its check."""
+    served, base = http_root
+    archive = zip_folder(make_source(tmp_path / "src", two_classes(2)), served / "rooms.zip")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    root = tmp_path / "project"
+    (root / ".dvc" if has_dvc else root).mkdir(parents=True)
+    scratch = root / ".dvc" / "tmp" if has_dvc else root
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    dests = []
+    real_download = ingest.download
+
+    def spy(url: str, sha256: str, dest: Path) -> None:
+        dests.append(dest)
+        real_download(url, sha256, dest)
+    monkeypatch.setattr(ingest, "download", spy)
+
+    def leftovers() -> list[str]:
+        return [p.name for p in scratch.iterdir() if p.name.startswith("ingest-")]
+
+    ingest.main(Paths(root), Params(ingest=IngestParams(source=f"{base}/rooms.zip", sha256=digest)))
+    assert dests[0].parent.parent == scratch and dests[0].parent.name.startswith("ingest-")
+    assert json.loads((root / "data" / "ingest_report.json").read_text())["source_kind"] == "url"
+    assert leftovers() == []
+    with pytest.raises(UserError, match="has sha256"):
+        ingest.main(Paths(root), Params(ingest=IngestParams(source=f"{base}/rooms.zip", sha256="0" * 64)))
+    assert dests[1].parent.parent == scratch and leftovers() == []
+    assert list(system_tmp.iterdir()) == []
+
+
+def test_url_download_shows_a_progress_bar_in_mib(tmp_path, http_root, monkeypatch):
+    """The download is a bar counting MiB of the announced size, one step per MiB streamed to disk."""
+    served, base = http_root
+    body = bytes(3 * 2**20 + 1)
+    (served / "big.zip").write_bytes(body)
+    bars, steps = [], []
+
+    def fake_progress(iterable, total, desc, unit="photo"):
+        bars.append((desc, total, unit))
+        for item in iterable:
+            steps.append(len(item))
+            yield item
+    monkeypatch.setattr(ingest, "progress", fake_progress)
+    ingest.download(f"{base}/big.zip", hashlib.sha256(body).hexdigest(), tmp_path / "big.zip")
+    assert bars == [("ingest: downloading", 4, "MiB")]
+    assert steps == [2**20] * 3 + [1]
+    assert (tmp_path / "big.zip").read_bytes() == body
 
 
 # ---------------------------------------------------------------- hostile sources (issue 10)

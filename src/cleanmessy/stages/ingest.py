@@ -17,19 +17,27 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 import pandas as pd
+from PIL import Image
 
 from cleanmessy import sample
+from cleanmessy.console import progress
 from cleanmessy.errors import UserError
 from cleanmessy.images import ImageError, open_rgb
 from cleanmessy.params import IngestParams, Params
@@ -42,6 +50,8 @@ MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height", "format", "ori
 FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
 
 Reader = Callable[[], bytes]
+T = TypeVar("T")
+R = TypeVar("R")
 
 # Limits on what a source may make ingest read into memory (a file is read whole to hash and
 # decode it). A room photo is a few MB; deflate squeezes photos by a few percent, bombs 1000x.
@@ -49,6 +59,11 @@ MAX_FILE_BYTES = 100 * 2**20
 MAX_ZIP_RATIO = 100
 MAX_DOWNLOAD_BYTES = 20 * 2**30
 DOWNLOAD_SECONDS = 3600
+DOWNLOAD_CHUNK = 2**20  # the download's progress bar counts MiB, one per chunk
+# Files submitted to the worker threads and not yet collected, per worker: enough to keep every
+# worker busy while results are collected in order, few enough that memory does not grow with
+# the source (each thread holds at most one file's bytes; a queued one holds none).
+FILES_IN_FLIGHT_PER_WORKER = 4
 SKIPPED_FOLDERS = ("__MACOSX",)  # macOS archive metadata, in zips and in unpacked folders alike
 
 
@@ -60,7 +75,8 @@ class Refused(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
+# Slots: one of these per file (100k at scale), each 96 bytes without a __dict__ instead of 144.
+@dataclass(frozen=True, slots=True)
 class Accepted:
     source_path: str
     label: str
@@ -71,7 +87,7 @@ class Accepted:
     format: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rejected:
     source_path: str
     label: str
@@ -174,11 +190,45 @@ def stored_name(a: Accepted) -> str:
 
 
 def manifest_frame(kept: list[Accepted], images_rel: str) -> pd.DataFrame:
-    rows = [
-        {**asdict(a), "path": f"{images_rel}/{stored_name(a)}"}
-        for a in sorted(kept, key=lambda a: (a.label, a.sha256))
-    ]
-    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    """One row per kept image, by label and hash. Built column by column: a dict per row would
+    briefly cost ~500 bytes per image (50 MB at 100k)."""
+    rows = sorted(kept, key=lambda a: (a.label, a.sha256))
+    columns = {c: [getattr(a, c) for a in rows] for c in MANIFEST_COLUMNS if c != "path"}
+    columns["path"] = [f"{images_rel}/{stored_name(a)}" for a in rows]
+    return pd.DataFrame(columns, columns=MANIFEST_COLUMNS)
+
+
+# ---------------------------------------------------------------- parallel work
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which taskset and container cpusets
+    narrow), else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """`map(fn, items)` on `workers` threads, results in input order. At most
+    FILES_IN_FLIGHT_PER_WORKER x workers items are submitted and not yet yielded, so memory does
+    not grow with the number of items. Threads pay because Pillow and hashlib release the GIL
+    while they decode and hash; one worker runs here, without a pool."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    window = FILES_IN_FLIGHT_PER_WORKER * workers
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="ingest")
+    pending: deque[Future[R]] = deque()
+    try:
+        for item in items:
+            if len(pending) >= window:
+                yield pending.popleft().result()
+            pending.append(pool.submit(fn, item))
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error, what is queued is dropped, not run
 
 
 # ---------------------------------------------------------------- sources (I/O edge)
@@ -194,12 +244,15 @@ def _refuse(reason: str, detail: str) -> Reader:
     return read
 
 
-def _file_reader(path: Path) -> Reader:
+def _file_reader(path: str) -> Reader:
+    """Read one file of a folder source. It keeps the path as a str: a Path object costs ~400
+    bytes more, per file, for as long as ingest runs."""
     def read() -> bytes:
-        size = path.stat().st_size
+        size = os.stat(path).st_size
         if size > MAX_FILE_BYTES:
             raise Refused("file_too_large", f"{size:,} bytes, over the {MAX_FILE_BYTES:,}-byte limit for one photo")
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            return f.read()
     return read
 
 
@@ -225,15 +278,16 @@ def walk_folder(folder: Path) -> tuple[list[tuple[str, Reader]], list[str]]:
             if path.is_symlink():
                 files.append((rel, _refuse("symlink", f"a link to {os.readlink(path)}; links are not followed")))
             elif path.is_file():
-                files.append((rel, _file_reader(path)))
+                files.append((rel, _file_reader(os.fspath(path))))
         if rel_here.parts and not names and not dirs:
             empty.append(rel_here.as_posix())
     return files, empty
 
 
-def _zip_reader(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Reader:
+def _zip_reader(archive: zipfile.ZipFile, info: zipfile.ZipInfo, lock: threading.Lock) -> Reader:
     """Read one member with its size checked first (declared size and compression ratio) and its
-    inflated bytes capped, so a bomb costs a header read, not gigabytes of memory."""
+    inflated bytes capped, so a bomb costs a header read, not gigabytes of memory. `lock` is
+    held while the member is open: see _walk_zip."""
     def read() -> bytes:
         if info.file_size > MAX_FILE_BYTES:
             raise Refused("file_too_large", f"inflates to {info.file_size:,} bytes, over the "
@@ -242,7 +296,7 @@ def _zip_reader(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Reader:
             raise Refused("zip_bomb", f"{info.compress_size:,} bytes inflate to {info.file_size:,} "
                                       f"({info.file_size / info.compress_size:.0f}x; photos barely compress)")
         try:
-            with archive.open(info) as member:
+            with lock, archive.open(info) as member:
                 data = member.read(MAX_FILE_BYTES + 1)  # zipfile stops at the declared size
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
             raise Refused("unreadable_entry", f"cannot read it from the archive ({exc})") from None
@@ -254,10 +308,13 @@ def _zip_reader(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Reader:
 
 def _walk_zip(archive: zipfile.ZipFile) -> Iterator[tuple[str, Reader]]:
     # Members are read in memory, never extracted. Their names are checked in run_ingest.
+    # They are read one at a time (ZipFile counts its open members without a lock, and inflating
+    # a photo is quick next to decoding it); the decoding runs in parallel.
+    lock = threading.Lock()
     for info in sorted(archive.infolist(), key=lambda i: i.filename):
         if info.is_dir() or (not unsafe_name(info.filename) and _skipped(info.filename.split("/"))):
             continue  # (an unsafe name such as ../x is reported, not skipped as "hidden")
-        yield info.filename, _zip_reader(archive, info)
+        yield info.filename, _zip_reader(archive, info, lock)
 
 
 def _strip_common_root(files: list[tuple[str, Reader]]) -> list[tuple[str, Reader]]:
@@ -270,13 +327,29 @@ def _strip_common_root(files: list[tuple[str, Reader]]) -> list[tuple[str, Reade
     return files
 
 
-def _sample_files(folder: Path) -> Iterator[tuple[PurePosixPath, Reader]]:
-    recipe = sample.read_recipe(folder)
-    for rel, _label, img in sample.generate(recipe):
+def _sample_reader(label: str, index: int, recipe: sample.Recipe) -> Reader:
+    """One sample picture as PNG bytes, rendered when it is read, so the sample, like any
+    source, is never in memory whole."""
+    def read() -> bytes:
         buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        data = buf.getvalue()
-        yield PurePosixPath(rel), (lambda data=data: data)
+        sample.render(label, index, recipe.size, recipe.seed).save(buf, format="PNG")
+        return buf.getvalue()
+    return read
+
+
+def _sample_files(folder: Path) -> Iterator[tuple[str, Reader]]:
+    """The pictures of a recipe, under the names and in the order sample.generate gives them."""
+    recipe = sample.read_recipe(folder)
+    for label in sample.CLASSES:
+        for i in range(recipe.per_class):
+            yield f"{label}/{i:04d}.png", _sample_reader(label, i, recipe)
+
+
+def _chunks(response: io.BufferedIOBase) -> Iterator[bytes]:
+    """The body in DOWNLOAD_CHUNK pieces (an HTTP response's read(n) returns n bytes until the
+    last piece), streamed to disk: a download never sits in memory."""
+    while chunk := response.read(DOWNLOAD_CHUNK):
+        yield chunk
 
 
 def download(url: str, sha256: str, dest: Path) -> None:
@@ -288,7 +361,9 @@ def download(url: str, sha256: str, dest: Path) -> None:
     deadline, size = time.monotonic() + DOWNLOAD_SECONDS, 0
     try:
         with urllib.request.urlopen(url, timeout=60) as response, dest.open("wb") as out:
-            while chunk := response.read(1 << 20):
+            length = response.headers.get("Content-Length", "")
+            mib = -(-int(length) // DOWNLOAD_CHUNK) if length.isdigit() else None
+            for chunk in progress(_chunks(response), mib, "ingest: downloading", unit="MiB"):
                 size += len(chunk)
                 if size > MAX_DOWNLOAD_BYTES:
                     raise UserError(f"download of {url} passed {MAX_DOWNLOAD_BYTES:,} bytes; stopped")
@@ -323,7 +398,7 @@ def source_files(source: str, sha256: str, root: Path, workdir: Path,
                                 "which every run replaces; point it at the original photos")
         if path.is_dir():
             if sample.is_recipe(path):
-                return "sample", [(str(rel), read) for rel, read in _sample_files(path)], []
+                return "sample", list(_sample_files(path)), []
             return "folder", *walk_folder(path)
         kind = "zip"
     try:
@@ -342,47 +417,95 @@ class IngestResult:
     report: dict
 
 
-def run_ingest(files: Iterable[tuple[str | PurePosixPath, Reader]], params: IngestParams,
-               images_dir: Path, images_rel: str, empty_folders: list[str] = ()) -> IngestResult:
-    """Validate `files`, copy the accepted ones into `images_dir`, and describe what happened."""
-    files = list(files)
+def _outcome(entry: tuple[str, Reader], params: IngestParams, staging: Path) -> Accepted | Rejected | None:
+    """What becomes of one source entry: Accepted (and written under `staging`), Rejected with a
+    reason, or None when it lies outside every class folder (skipped, never read). Runs on a
+    worker thread; the file's bytes are read once and dropped when it returns."""
+    name, read = entry
+    if problem := unsafe_name(name):
+        return Rejected(name, "", "unsafe_path", f"{problem}: never written, not a class")
+    where = locate(PurePosixPath(name))
+    if where is None:
+        return None
+    try:
+        data = read()
+    except Refused as exc:
+        return Rejected(name, where[0], exc.reason, str(exc))
+    outcome = check_file(name, *where, data, params)
+    if isinstance(outcome, Accepted):
+        _store(outcome, data, staging)
+    return outcome
+
+
+def _store(a: Accepted, data: bytes, folder: Path) -> None:
+    """Write an accepted file under `folder` by its stored name. Copies of one content (in one
+    class) share that name: the first writes it, the others find it there."""
+    # A label is one plain part of a name unsafe_name passed; make sure anyway, by the string:
+    # resolving the path on disk cost more than the write, per file, all of it holding the GIL.
+    if a.label in ("", ".", "..") or "/" in a.label:
+        raise RuntimeError(f"refusing to write class {a.label!r} outside {folder}")
+    target = folder / stored_name(a)
+    target.parent.mkdir(exist_ok=True)  # (exist_ok: another thread may make it first)
+    try:
+        with open(target, "xb") as out:
+            out.write(data)
+    except FileExistsError:
+        pass
+
+
+def _check_all(files: list[tuple[str, Reader]], params: IngestParams, staging: Path,
+               workers: int) -> tuple[list[Accepted], list[Rejected], list[str]]:
+    """Check every file on `workers` threads, writing the accepted ones under `staging`, and
+    sort the outcomes, in input order, into accepted, rejected and skipped (outside a class)."""
     accepted: list[Accepted] = []
     rejected: list[Rejected] = []
     skipped: list[str] = []
-    readers: dict[str, Reader] = {}
-    step = max(1, len(files) // 10)
-    for n, (name, read) in enumerate(files, 1):
-        name = str(name)
-        where = None if (problem := unsafe_name(name)) else locate(PurePosixPath(name))
-        if problem:
-            rejected.append(Rejected(name, "", "unsafe_path", f"{problem}: never written, not a class"))
-        elif where is None:
-            skipped.append(name)
-        else:
-            try:
-                outcome = check_file(name, *where, read(), params)
-            except Refused as exc:
-                outcome = Rejected(name, where[0], exc.reason, str(exc))
-            (accepted if isinstance(outcome, Accepted) else rejected).append(outcome)
-            readers[name] = read
-        if n % step == 0 or n == len(files):
-            log.info("ingest: checked %d/%d files (%d rejected)", n, len(files), len(rejected))
-    kept, dupes = deduplicate(accepted)
-    rejected += dupes
-    for r in rejected:
-        log.warning("left out %s: %s (%s)", r.source_path, r.reason, r.detail)
-    for folder in empty_folders:
-        log.warning("folder %s/ of the source holds no file: ignored", folder)
-    check_classes(kept, rejected, empty_folders)
+    started = time.monotonic()
+    outcomes = ordered_map(partial(_outcome, params=params, staging=staging), files, workers)
+    # open_rgb turns PIL's bomb warning into an error inside warnings.catch_warnings, which is
+    # not thread-safe (threads restore each other's filters: one could miss it, and the filter
+    # outlived ingest). Set here, around all the threads, it holds for each and ends with them.
+    with closing(outcomes), warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for (name, _), outcome in zip(files, progress(outcomes, len(files), "ingest: checking"), strict=True):
+            if outcome is None:
+                skipped.append(name)
+            else:
+                (accepted if isinstance(outcome, Accepted) else rejected).append(outcome)
+    log.info("ingest: checked %d files in %.1f s on %d threads (%d rejected, %d outside class folders)",
+             len(files), time.monotonic() - started, workers, len(rejected), len(skipped))
+    return accepted, rejected, skipped
 
-    if images_dir.exists():
-        shutil.rmtree(images_dir)
-    for a in kept:
-        target = images_dir / stored_name(a)
-        if images_dir.resolve() not in target.resolve().parents:  # labels are single safe names; make sure
-            raise RuntimeError(f"refusing to write {target} outside {images_dir}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(readers[a.source_path]())
+
+def run_ingest(files: Iterable[tuple[str | PurePosixPath, Reader]], params: IngestParams,
+               images_dir: Path, images_rel: str, empty_folders: list[str] = (),
+               workers: int | None = None) -> IngestResult:
+    """Validate `files`, copy the accepted ones into `images_dir`, and describe what happened.
+    Files are checked and copied on `workers` threads (default: one per usable CPU); the result
+    is the same whatever their number."""
+    files = [(str(name), read) for name, read in files]
+    # Each file is read once: an accepted one is written as soon as it is checked, into a hidden
+    # folder beside images_dir that replaces it only if ingest succeeds. Its name is fixed so
+    # that what a killed run left there is removed by the next.
+    staging = images_dir.with_name(f".{images_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        accepted, rejected, skipped = _check_all(files, params, staging, workers or usable_cpus())
+        kept, dupes = deduplicate(accepted)
+        rejected += dupes
+        for r in rejected:
+            log.warning("left out %s: %s (%s)", r.source_path, r.reason, r.detail)
+        for folder in empty_folders:
+            log.warning("folder %s/ of the source holds no file: ignored", folder)
+        check_classes(kept, rejected, empty_folders)
+        for conflict in {stored_name(a) for a in accepted} - {stored_name(a) for a in kept}:
+            (staging / conflict).unlink()  # content under two labels: every copy is left out
+        if images_dir.exists():
+            shutil.rmtree(images_dir)
+        staging.rename(images_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # after a failure (on success it is images_dir)
     manifest = manifest_frame(kept, images_rel)
     report = {
         "files": len(files),
@@ -397,9 +520,20 @@ def run_ingest(files: Iterable[tuple[str | PurePosixPath, Reader]], params: Inge
     return IngestResult(manifest, report)
 
 
+def scratch_root(root: Path) -> Path:
+    """Where ingest keeps temporary files (a downloaded zip): inside the project, never the
+    system's temp folder. DVC's own scratch folder .dvc/tmp (git-ignored, never hashed) when the
+    project has .dvc/, else the project root itself."""
+    if (root / ".dvc").is_dir():
+        (root / ".dvc" / "tmp").mkdir(exist_ok=True)
+        return root / ".dvc" / "tmp"
+    return root
+
+
 def main(paths: Paths, params: Params) -> None:
     p = params.ingest
-    with tempfile.TemporaryDirectory() as tmp:
+    # Removed on the way out, also after an error; only a killed process leaves it behind.
+    with tempfile.TemporaryDirectory(prefix="ingest-", dir=scratch_root(paths.root)) as tmp:
         kind, files, empty = source_files(p.source, p.sha256, paths.root, Path(tmp), paths.images)
         log.info("ingest: %d files from %s source %s", len(files), kind, p.source)
         result = run_ingest(files, p, paths.images, paths.images.relative_to(paths.root).as_posix(), empty)
