@@ -17,6 +17,11 @@ SUPPORTED_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 DEFAULT_MAX_PIXELS = 40_000_000
 
+# PIL warns (and decodes) between ~89 and ~179 megapixels, and raises above. Every decode here
+# refuses both, whatever max_pixels says. Set once for the process, not per call: decoding runs
+# on threads, and warnings.catch_warnings is not thread-safe (threads restore each other's filters).
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
 
 class ImageError(ValueError):
     """An input that is not a usable image; `reason` is a short stable code for reports."""
@@ -57,9 +62,7 @@ def open_rgb(
         if isinstance(source, bytes | bytearray) and len(source) == 0:
             raise ImageError("empty", "file is empty (0 bytes)")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(_as_stream(source))
+            img = Image.open(_as_stream(source))
         except UnidentifiedImageError:
             raise ImageError("not_an_image", "not an image PIL can read") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -236,3 +236,15 @@ def test_fuzzed_png_and_jpeg_bytes_give_image_errors_only():
             assert exc.reason and str(exc), case
             outcomes[exc.reason] = outcomes.get(exc.reason, 0) + 1
     assert sum(outcomes.values()) == 300 and len(outcomes) >= 3, outcomes
+
+
+def test_the_bomb_warning_is_an_error_for_the_whole_process_once_images_is_imported():
+    """Set once at import (decoding runs on threads; per-call catch_warnings is not thread-safe),
+    as pytest's own filterwarnings repeats it for each test."""
+    import subprocess
+    import sys
+
+    code = ("import warnings; from PIL import Image; import cleanmessy.images; "
+            "print([f[0] for f in warnings.filters if f[2] is Image.DecompressionBombWarning][:1])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['error']"

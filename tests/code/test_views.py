@@ -10,6 +10,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from cleanmessy.errors import UserError
+from cleanmessy.inputs import RowStore
 from cleanmessy.layers import (
     MultiView,
     RegionPool,
@@ -20,7 +21,6 @@ from cleanmessy.layers import (
 from cleanmessy.models import build_model, photos_per_step
 from cleanmessy.params import parse_params
 from cleanmessy.serving.explain import gradcam_function
-from cleanmessy.inputs import RowStore
 from cleanmessy.training import fit_logistic
 
 NO_AUGMENT = {"flip": "none", "rotation": 0}
