@@ -135,15 +135,14 @@ def test_deduplicate_conflicting_labels_drops_all_copies():
 def test_check_classes_needs_two():
     """One class is not enough."""
     with pytest.raises(UserError, match="at least 2 class"):
-        check_classes([acc("clean/a.png", "clean", "h")], [])
+        check_classes({"clean": 1}, [])
 
 
 def test_check_classes_names_empty_class():
     """A class seen only among rejections is named in the error."""
-    kept = [acc("clean/a.png", "clean", "h1"), acc("messy/a.png", "messy", "h2")]
     bad = [Rejected("junk/x.png", "junk", "not_an_image", "")]
     with pytest.raises(UserError, match="class 'junk' has no usable image"):
-        check_classes(kept, bad)
+        check_classes({"clean": 1, "messy": 1}, bad)
 
 
 # ---------------------------------------------------------------- folder sources

@@ -306,3 +306,57 @@ def test_store_refuses_a_label_that_is_not_one_plain_folder_name(tmp_path, label
     with pytest.raises(RuntimeError, match="refusing to write"):
         ingest._store(a, b"data", tmp_path / "images")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- compact records, streamed manifest
+
+
+def test_manifest_and_report_equal_the_record_reference(tmp_path, monkeypatch):
+    """The table-based dedup and the manifest written in chunks give, byte for byte, what records
+    of every file, `deduplicate` on all of them and one manifest frame give; on a folder whose walk
+    order is not its sorted order (train/ is walked before train-2/, which sorts first), with
+    copies, a conflict, source splits and rejects."""
+    monkeypatch.setattr(ingest, "MANIFEST_CHUNK", 3)
+    src = tmp_path / "src"
+    layout = {f"train/{('clean', 'messy')[i % 2]}/{i:02d}.png": png_bytes(i) for i in range(10)}
+    layout |= {f"val/clean/{i}.png": png_bytes(20 + i) for i in range(4)}
+    layout |= {"train/clean/zz.png": png_bytes(0), "train-2/clean/00.png": png_bytes(0),  # copies
+               "val/messy/x.png": png_bytes(21), "val/clean/bad.png": b"not an image"}  # a conflict, a reject
+    for name, data in layout.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+    _, files, empty = source_files(str(src), "", tmp_path, tmp_path)
+    result = run_ingest(files, IngestParams(), tmp_path / "images", IMAGES_REL, empty, workers=WORKERS)
+    result.write_manifest(tmp_path / "manifest.csv")
+
+    records = []
+    for name, read in files:
+        outcome = ingest.check_file(name, *ingest.locate(ingest.PurePosixPath(name)), read(), IngestParams())
+        if isinstance(outcome, ingest.Accepted):
+            records.append(outcome)
+    kept, dupes = ingest.deduplicate(records)
+    assert "train-2/clean/00.png" in {a.source_path for a in kept}
+    want = ingest.manifest_frame(kept, IMAGES_REL)
+    assert (tmp_path / "manifest.csv").read_bytes() == want.to_csv(index=False).encode()
+    assert result.manifest.equals(want)
+    assert result.report["classes"] == dict(sorted(ingest.Counter(a.label for a in kept).items()))
+    assert result.report["original_splits"] == dict(sorted(ingest.Counter(a.original_split or "none"
+                                                                          for a in kept).items()))
+    assert sorted((r["source_path"], r["reason"]) for r in result.report["rejections"]) == sorted(
+        [(r.source_path, r.reason) for r in dupes] + [("val/clean/bad.png", "not_an_image")])
+    assert len(list((tmp_path / "images").rglob("*.png"))) == len(kept)
+
+
+def test_a_kept_file_costs_a_fixed_small_record():
+    """What ingest holds per accepted file stays a few dozen bytes (a record object was ~400)."""
+    import tracemalloc
+
+    names = [f"clean/{i}.png" for i in range(20_000)]  # the source listing holds these anyway
+    tracemalloc.start()
+    table = ingest.AcceptedTable()
+    for i, name in enumerate(names):
+        table.add(ingest.Accepted(name, "clean", "", f"{i:064x}", 384, 288, "JPEG"))
+    size, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert size / len(names) < 80
+    assert table.record(7) == ingest.Accepted("clean/7.png", "clean", "", f"{7:064x}", 384, 288, "JPEG")

@@ -144,3 +144,120 @@ def test_check_splits_class_without_training_image():
     out.loc[(out["label"] == "messy") & (out["split"] == "train"), "split"] = "val"
     with pytest.raises(UserError, match="class 'messy' has no training image"):
         check_splits(out)
+
+
+# ---------------------------------------------------------------- the compact, streaming stage
+
+
+def reference_assign(manifest: pd.DataFrame, params: SplitParams, seed: int) -> pd.DataFrame:
+    """assign_splits as it was written before it went to numpy codes: dicts of hashes."""
+    import numpy as np
+
+    def carve(groups, n_val, n_test):
+        return {g: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, g in enumerate(groups)}
+
+    def k(n, fraction):
+        return max(int(round(n * fraction)), 1) if fraction > 0 and n >= 3 else int(round(n * fraction))
+
+    rng = np.random.default_rng(seed)
+    group_split: dict[str, str] = {}
+    for label in sorted(manifest["label"].unique()):
+        rows = manifest[manifest["label"] == label]
+        groups = sorted(rows["sha256"].unique())
+        n_val, n_test = k(len(groups), params.val_fraction), k(len(groups), params.test_fraction)
+        if params.keep_source_split:
+            original = rows.groupby("sha256")["original_split"].first().fillna("")
+            fixed = {g: s for g, s in original.items() if s in ("train", "val", "test")}
+            group_split.update(fixed)
+            free = [g for g in groups if g not in fixed]
+            pool = free + [g for g in groups if fixed.get(g) == "train"]
+            pool = [pool[i] for i in rng.permutation(len(pool))]
+            carved = carve(pool, 0 if "val" in fixed.values() else n_val, 0 if "test" in fixed.values() else n_test)
+            group_split.update({g: s for g, s in carved.items() if s != "train" or g in free})
+        else:
+            group_split.update(carve([groups[i] for i in rng.permutation(len(groups))], n_val, n_test))
+    out = manifest.copy()
+    out["split"] = out["sha256"].map(group_split)
+    return out.sort_values(["split", "label", "path"], kind="stable").reset_index(drop=True)
+
+
+def awkward_manifest() -> pd.DataFrame:
+    """Copies (one content under several paths, and under two labels), a source's own splits
+    that disagree within a group, rows in no particular order."""
+    rows = [row(label, str(i), split, copy=c) for label in ("clean", "messy", "tidy")
+            for i in range(40) for split in [("", "train", "val", "test", "train")[i % 5]]
+            for c in range(1 + (i % 7 == 0))]
+    rows += [{**row("clean", "3"), "label": "messy", "path": "data/images/messy/x.png"},
+             {**row("messy", "8", copy=1), "original_split": "test"}]
+    return pd.DataFrame(rows, columns=COLUMNS).sample(frac=1, random_state=0).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_assign_splits_equals_the_dict_reference(keep):
+    """The numpy assignment is the dict one, row for row, for many seeds and awkward manifests."""
+    params = SplitParams(0.15, 0.2, keep_source_split=keep)
+    small = manifest({"a": 1, "b": 2, "c": 3, "d": 30}, "train" if keep else "")
+    for m in (awkward_manifest(), kaggle_manifest(), small):
+        for seed in range(6):
+            got, want = assign_splits(m, params, seed), reference_assign(m, params, seed)
+            assert got.equals(want) and list(got.dtypes) == list(want.dtypes)
+
+
+def run_stage(tmp_path, monkeypatch, frame: pd.DataFrame, params: SplitParams, chunk: int = 7) -> dict[str, bytes]:
+    """split.main on `frame` written as the manifest, reading `chunk` rows at a time."""
+    from cleanmessy.params import BaseParams, Params
+    from cleanmessy.project import Paths
+    from cleanmessy.stages import split
+
+    monkeypatch.setattr(split, "CHUNK_ROWS", chunk)
+    paths = Paths(tmp_path / "p")
+    paths.manifest.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(paths.manifest, index=False)
+    split.main(paths, Params(base=BaseParams(seed=3), split=params))
+    return {name: paths.split_csv(name).read_bytes() for name in ("train", "val", "test")}
+
+
+def reference_files(tmp_path, frame: pd.DataFrame, params: SplitParams) -> dict[str, bytes]:
+    """The split files as the stage wrote them from one frame with the dict reference."""
+    path = tmp_path / "ref.csv"
+    frame.to_csv(path, index=False)
+    out = reference_assign(pd.read_csv(path, keep_default_na=False), params, 3)
+    return {name: out[out["split"] == name].to_csv(index=False).encode() for name in ("train", "val", "test")}
+
+
+def ingest_order(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows as ingest writes them: by label, then hash."""
+    return frame.sort_values(["label", "sha256"], kind="stable").reset_index(drop=True)
+
+
+@pytest.mark.parametrize("case", ["ingest-order", "kaggle-kept", "shuffled", "numeric-labels"])
+def test_stage_files_are_byte_identical_to_the_reference(tmp_path, monkeypatch, case):
+    """Streamed (a manifest in ingest's order) or from one frame (any other), the split files are
+    byte for byte those of the whole-frame reference."""
+    params = SplitParams(0.1, 0.1, keep_source_split=case == "kaggle-kept")
+    frame = {"ingest-order": lambda: ingest_order(awkward_manifest()),
+             "kaggle-kept": lambda: ingest_order(kaggle_manifest()),
+             "shuffled": awkward_manifest,
+             "numeric-labels": lambda: ingest_order(manifest({"9": 20, "10": 20, "007": 20}))}[case]()
+    assert run_stage(tmp_path, monkeypatch, frame, params) == reference_files(tmp_path, frame, params)
+
+
+def test_stage_streams_an_ingest_manifest(tmp_path, monkeypatch):
+    """A manifest as ingest writes it (one row per content and class) is never read into one frame."""
+    from cleanmessy.stages import split
+
+    def no_frame(*args, **kwargs):
+        raise AssertionError("read as one frame")
+    monkeypatch.setattr(split, "write_from_frame", no_frame)
+    frame = ingest_order(manifest({"clean": 30, "messy": 25, "tidy": 3}))
+    assert run_stage(tmp_path, monkeypatch, frame, DEFAULT) == reference_files(tmp_path, frame, DEFAULT)
+
+
+def test_stage_errors_before_writing(tmp_path, monkeypatch):
+    """keep_source_split without source splits, or a split left empty: an error, no split files."""
+    with pytest.raises(UserError, match="keep_source_split"):
+        run_stage(tmp_path, monkeypatch, ingest_order(manifest({"clean": 10, "messy": 10})),
+                  SplitParams(keep_source_split=True))
+    with pytest.raises(UserError, match="the test split is empty"):
+        run_stage(tmp_path, monkeypatch, ingest_order(manifest({"clean": 2, "messy": 2})), SplitParams(0.5, 0.0))
+    assert not (tmp_path / "p" / "data" / "splits").exists()

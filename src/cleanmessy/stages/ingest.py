@@ -23,15 +23,17 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
+from typing import TypeVar, overload
 
+import numpy as np
 import pandas as pd
 
 from cleanmessy import sample
@@ -63,6 +65,7 @@ DOWNLOAD_CHUNK = 2**20  # the download's progress bar counts MiB, one per chunk
 # the source (each thread holds at most one file's bytes; a queued one holds none).
 FILES_IN_FLIGHT_PER_WORKER = 4
 SKIPPED_FOLDERS = ("__MACOSX",)  # macOS archive metadata, in zips and in unpacked folders alike
+MANIFEST_CHUNK = 10_000  # manifest rows made into a frame and written at a time
 
 
 class Refused(Exception):
@@ -152,10 +155,11 @@ def deduplicate(accepted: list[Accepted]) -> tuple[list[Accepted], list[Rejected
     return kept, rejected
 
 
-def check_classes(kept: list[Accepted], rejected: list[Rejected], empty_folders: list[str] = ()) -> None:
+def check_classes(counts: Mapping[str, int], rejected: list[Rejected], empty_folders: list[str] = ()) -> None:
     """At least two classes, no class left without a usable image, no two class folders whose
-    names differ only in case (`Clean/` beside `clean/` would silently make three classes)."""
-    seen = sorted({r.label for r in rejected if r.label} | {a.label for a in kept})
+    names differ only in case (`Clean/` beside `clean/` would silently make three classes).
+    `counts`: the images kept per class (classes with none left out)."""
+    seen = sorted({r.label for r in rejected if r.label} | set(counts))
     by_folded: dict[str, list[str]] = {}
     for label in seen:
         by_folded.setdefault(label.casefold(), []).append(label)
@@ -167,8 +171,7 @@ def check_classes(kept: list[Accepted], rejected: list[Rejected], empty_folders:
         close = difflib.get_close_matches(label, [x for x in seen if x != label], n=1, cutoff=0.8)
         if close and label < close[0]:
             log.warning("class folders '%s' and '%s' have similar names: are they one class?", label, close[0])
-    counts = Counter(a.label for a in kept)
-    empty = [label for label in seen if counts[label] == 0]
+    empty = [label for label in seen if counts.get(label, 0) == 0]
     if empty:
         n_bad = sum(r.label == empty[0] for r in rejected)
         raise UserError(f"class '{empty[0]}' has no usable image ({n_bad} rejected; see the reasons above)")
@@ -189,11 +192,100 @@ def stored_name(a: Accepted) -> str:
 
 def manifest_frame(kept: list[Accepted], images_rel: str) -> pd.DataFrame:
     """One row per kept image, by label and hash. Built column by column: a dict per row would
-    briefly cost ~500 bytes per image (50 MB at 100k)."""
+    briefly cost ~500 bytes per image. The stage builds it MANIFEST_CHUNK rows at a time."""
     rows = sorted(kept, key=lambda a: (a.label, a.sha256))
     columns = {c: [getattr(a, c) for a in rows] for c in MANIFEST_COLUMNS if c != "path"}
     columns["path"] = [f"{images_rel}/{stored_name(a)}" for a in rows]
     return pd.DataFrame(columns, columns=MANIFEST_COLUMNS)
+
+
+class _Codes:
+    """Small numbers for values that repeat across files (class, format, original split)."""
+
+    def __init__(self) -> None:
+        self.values: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def code(self, value: str) -> int:
+        if (code := self._index.get(value)) is None:
+            code = self._index[value] = len(self.values)
+            self.values.append(value)
+        return code
+
+    def ranks(self) -> np.ndarray:
+        """Each code's place among the values in sorted order."""
+        ranks = np.empty(len(self.values), dtype=np.int64)
+        ranks[sorted(range(len(self.values)), key=self.values.__getitem__)] = np.arange(len(self.values))
+        return ranks
+
+
+class AcceptedTable:
+    """The accepted files, in the order they were checked, one fixed-size record each in flat
+    arrays: the 32-byte digest, the size, codes for class, format and original split. A record
+    object per file, with its hash as hex, cost ~400 bytes (40 MB at 100k photos); this costs
+    ~60, the source path included (a reference to the str the source listing holds)."""
+
+    def __init__(self) -> None:
+        self.digests = bytearray()
+        self.widths, self.heights = array("q"), array("q")
+        self.labels, self.formats, self.splits = array("i"), array("i"), array("i")
+        self.source_paths: list[str] = []
+        self.label_codes, self.format_codes, self.split_codes = _Codes(), _Codes(), _Codes()
+
+    def __len__(self) -> int:
+        return len(self.source_paths)
+
+    def add(self, a: Accepted) -> None:
+        self.digests += bytes.fromhex(a.sha256)
+        self.widths.append(a.width)
+        self.heights.append(a.height)
+        self.labels.append(self.label_codes.code(a.label))
+        self.formats.append(self.format_codes.code(a.format))
+        self.splits.append(self.split_codes.code(a.original_split))
+        self.source_paths.append(a.source_path)
+
+    def record(self, i: int) -> Accepted:
+        """File `i` as the record check_file made."""
+        return Accepted(self.source_paths[i], self.label_codes.values[self.labels[i]],
+                        self.split_codes.values[self.splits[i]], self.digests[32 * i:32 * i + 32].hex(),
+                        self.widths[i], self.heights[i], self.format_codes.values[self.formats[i]])
+
+    def digest_array(self) -> np.ndarray:
+        """The digests as one 32-byte string per file (a copy: the table may still grow)."""
+        return np.frombuffer(bytes(self.digests), dtype="S32")
+
+    def counts(self, rows: np.ndarray, codes: array, names: _Codes) -> dict[str, int]:
+        """How many of `rows` have each value of a coded column, for the values that occur."""
+        n = np.bincount(np.asarray(codes, dtype=np.int64)[rows], minlength=len(names.values))
+        return {names.values[c]: int(n[c]) for c in np.flatnonzero(n)}
+
+
+def deduplicate_table(table: AcceptedTable) -> tuple[np.ndarray, list[Rejected], set[str]]:
+    """`deduplicate` for a table: the rows kept (ascending), the rejected copies, and the stored
+    names (see stored_name) of the contents left with no copy kept. Only the files whose content
+    occurs more than once (few, in any real source) become records and go through `deduplicate`;
+    every other file is kept as it is."""
+    digests = table.digest_array()
+    by_digest = np.argsort(digests, kind="stable")
+    same = digests[by_digest][1:] == digests[by_digest][:-1]
+    repeated = np.zeros(len(digests), dtype=bool)
+    repeated[1:] |= same
+    repeated[:-1] |= same
+    copies = np.sort(by_digest[repeated])  # input order, as deduplicate saw every file
+    keep = np.ones(len(digests), dtype=bool)
+    keep[copies] = False
+    records = [table.record(i) for i in copies]
+    row_of = {id(a): i for a, i in zip(records, copies, strict=True)}
+    kept, rejected = deduplicate(records)
+    keep[[row_of[id(a)] for a in kept]] = True
+    conflicts = {stored_name(a) for a in records} - {stored_name(a) for a in kept}
+    return np.flatnonzero(keep), rejected, conflicts
+
+
+def manifest_order(table: AcceptedTable, rows: np.ndarray) -> np.ndarray:
+    """`rows` in the manifest's order: by label, then hash (a digest sorts as its hex does)."""
+    labels = table.label_codes.ranks()[np.asarray(table.labels, dtype=np.int64)[rows]]
+    return rows[np.lexsort((table.digest_array()[rows], labels))]
 
 
 # ---------------------------------------------------------------- parallel work
@@ -254,13 +346,37 @@ def _file_reader(path: str) -> Reader:
     return read
 
 
-def walk_folder(folder: Path) -> tuple[list[tuple[str, Reader]], list[str]]:
+class FolderFiles(Sequence[tuple[str, Reader]]):
+    """The `(name, reader)` pairs of a folder source, each made when it is asked for: the listing
+    holds one str per file (a refused link holds its pair). A pair with its reader held for
+    every file cost ~400 bytes a file, for as long as ingest ran."""
+
+    def __init__(self, folder: str, entries: list[str | tuple[str, Reader]]) -> None:
+        self._folder = folder
+        self._entries = entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[str, Reader]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[tuple[str, Reader]]: ...
+
+    def __getitem__(self, i: int | slice) -> tuple[str, Reader] | list[tuple[str, Reader]]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        entry = self._entries[i]
+        return entry if isinstance(entry, tuple) else (entry, _file_reader(os.path.join(self._folder, entry)))
+
+
+def walk_folder(folder: Path) -> tuple[FolderFiles, list[str]]:
     """The files of a folder source, and its folders that hold no file (for the report). Links
     are never followed, in or out of the source: each one is a file refused with reason
     `symlink` (a link could read /etc/passwd or a photo outside the source). A broken link stops
     ingest, as it stops DVC, which hashes the source before ingest runs and cannot hash a link to
     nothing: both refuse the same source, with one line naming the link."""
-    files: list[tuple[str, Reader]] = []
+    files: list[str | tuple[str, Reader]] = []
     empty: list[str] = []
     for here, dirs, names in os.walk(folder, followlinks=False):
         rel_here = Path(here).relative_to(folder)
@@ -276,10 +392,10 @@ def walk_folder(folder: Path) -> tuple[list[tuple[str, Reader]], list[str]]:
             if path.is_symlink():
                 files.append((rel, _refuse("symlink", f"a link to {os.readlink(path)}; links are not followed")))
             elif path.is_file():
-                files.append((rel, _file_reader(os.fspath(path))))
+                files.append(rel)
         if rel_here.parts and not names and not dirs:
             empty.append(rel_here.as_posix())
-    return files, empty
+    return FolderFiles(os.fspath(folder), files), empty
 
 
 def _zip_reader(archive: zipfile.ZipFile, info: zipfile.ZipInfo, lock: threading.Lock) -> Reader:
@@ -376,7 +492,7 @@ def download(url: str, sha256: str, dest: Path) -> None:
 
 
 def source_files(source: str, sha256: str, root: Path, workdir: Path,
-                 images_dir: Path | None = None) -> tuple[str, list[tuple[str, Reader]], list[str]]:
+                 images_dir: Path | None = None) -> tuple[str, Sequence[tuple[str, Reader]], list[str]]:
     """`(kind, files, empty folders)` for an `ingest.source` value; relative paths are relative to
     the project root. A source that overlaps `images_dir` (ingest's output, replaced on every
     run) is refused."""
@@ -411,15 +527,36 @@ def source_files(source: str, sha256: str, root: Path, workdir: Path,
 
 @dataclass
 class IngestResult:
-    manifest: pd.DataFrame
+    """The report, and the kept files, from which the manifest is made in chunks (a frame of the
+    whole manifest costs ~300 bytes an image)."""
     report: dict
+    table: AcceptedTable
+    rows: np.ndarray  # the table's rows in the manifest, in its order
+    images_rel: str
+
+    def manifest_chunks(self, size: int = MANIFEST_CHUNK) -> Iterator[pd.DataFrame]:
+        for start in range(0, len(self.rows), size):
+            yield manifest_frame([self.table.record(i) for i in self.rows[start:start + size]], self.images_rel)
+
+    @property
+    def manifest(self) -> pd.DataFrame:
+        """The whole manifest as one frame (for tests and small sources; the stage streams it)."""
+        return manifest_frame([self.table.record(i) for i in self.rows], self.images_rel)
+
+    def write_manifest(self, path: Path) -> None:
+        """The manifest's CSV, byte for byte what `manifest.to_csv(path, index=False)` writes."""
+        with open(path, "w", encoding="utf-8", newline="") as out:
+            for n, chunk in enumerate(self.manifest_chunks()):
+                chunk.to_csv(out, header=n == 0, index=False)
+            if not len(self.rows):
+                self.manifest.to_csv(out, index=False)  # (the header alone)
 
 
 def _outcome(entry: tuple[str, Reader], params: IngestParams, staging: Path) -> Accepted | Rejected | None:
     """What becomes of one source entry: Accepted (and written under `staging`), Rejected with a
     reason, or None when it lies outside every class folder (skipped, never read). Runs on a
     worker thread; the file's bytes are read once and dropped when it returns."""
-    name, read = entry
+    name, read = str(entry[0]), entry[1]
     if problem := unsafe_name(name):
         return Rejected(name, "", "unsafe_path", f"{problem}: never written, not a class")
     where = locate(PurePosixPath(name))
@@ -451,11 +588,11 @@ def _store(a: Accepted, data: bytes, folder: Path) -> None:
         pass
 
 
-def _check_all(files: list[tuple[str, Reader]], params: IngestParams, staging: Path,
-               workers: int) -> tuple[list[Accepted], list[Rejected], list[str]]:
+def _check_all(files: Sequence[tuple[str, Reader]], params: IngestParams, staging: Path,
+               workers: int) -> tuple[AcceptedTable, list[Rejected], list[str]]:
     """Check every file on `workers` threads, writing the accepted ones under `staging`, and
     sort the outcomes, in input order, into accepted, rejected and skipped (outside a class)."""
-    accepted: list[Accepted] = []
+    accepted = AcceptedTable()
     rejected: list[Rejected] = []
     skipped: list[str] = []
     started = time.monotonic()
@@ -463,9 +600,11 @@ def _check_all(files: list[tuple[str, Reader]], params: IngestParams, staging: P
     with closing(outcomes):
         for (name, _), outcome in zip(files, progress(outcomes, len(files), "ingest: checking"), strict=True):
             if outcome is None:
-                skipped.append(name)
+                skipped.append(str(name))
+            elif isinstance(outcome, Accepted):
+                accepted.add(outcome)
             else:
-                (accepted if isinstance(outcome, Accepted) else rejected).append(outcome)
+                rejected.append(outcome)
     log.info("ingest: checked %d files in %.1f s on %d threads (%d rejected, %d outside class folders)",
              len(files), time.monotonic() - started, workers, len(rejected), len(skipped))
     return accepted, rejected, skipped
@@ -476,8 +615,10 @@ def run_ingest(files: Iterable[tuple[str | PurePosixPath, Reader]], params: Inge
                workers: int | None = None) -> IngestResult:
     """Validate `files`, copy the accepted ones into `images_dir`, and describe what happened.
     Files are checked and copied on `workers` threads (default: one per usable CPU); the result
-    is the same whatever their number."""
-    files = [(str(name), read) for name, read in files]
+    is the same whatever their number. What is kept per file is a fixed-size record (see
+    AcceptedTable), so memory grows by ~150 bytes a file, the source's listing included."""
+    if not isinstance(files, Sequence):
+        files = list(files)
     # Each file is read once: an accepted one is written as soon as it is checked, into a hidden
     # folder beside images_dir that replaces it only if ingest succeeds. Its name is fixed so
     # that what a killed run left there is removed by the next.
@@ -486,32 +627,35 @@ def run_ingest(files: Iterable[tuple[str | PurePosixPath, Reader]], params: Inge
     staging.mkdir(parents=True)
     try:
         accepted, rejected, skipped = _check_all(files, params, staging, workers or usable_cpus())
-        kept, dupes = deduplicate(accepted)
+        kept, dupes, conflicts = deduplicate_table(accepted)
         rejected += dupes
         for r in rejected:
             log.warning("left out %s: %s (%s)", r.source_path, r.reason, r.detail)
         for folder in empty_folders:
             log.warning("folder %s/ of the source holds no file: ignored", folder)
-        check_classes(kept, rejected, empty_folders)
-        for conflict in {stored_name(a) for a in accepted} - {stored_name(a) for a in kept}:
+        classes = accepted.counts(kept, accepted.labels, accepted.label_codes)
+        check_classes(classes, rejected, empty_folders)
+        for conflict in conflicts:
             (staging / conflict).unlink()  # content under two labels: every copy is left out
         if images_dir.exists():
             shutil.rmtree(images_dir)
         staging.rename(images_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # after a failure (on success it is images_dir)
-    manifest = manifest_frame(kept, images_rel)
+    original_splits: Counter[str] = Counter()
+    for split, n in accepted.counts(kept, accepted.splits, accepted.split_codes).items():
+        original_splits[split or "none"] += n
     report = {
         "files": len(files),
         "accepted": len(kept),
         "rejected": len(rejected),
-        "classes": dict(sorted(Counter(a.label for a in kept).items())),
-        "original_splits": dict(sorted(Counter(a.original_split or "none" for a in kept).items())),
+        "classes": dict(sorted(classes.items())),
+        "original_splits": dict(sorted(original_splits.items())),
         "rejections": [asdict(r) for r in sorted(rejected, key=lambda r: r.source_path)],
         "skipped_outside_class_folders": skipped,
         "empty_folders": list(empty_folders),
     }
-    return IngestResult(manifest, report)
+    return IngestResult(report, accepted, manifest_order(accepted, kept), images_rel)
 
 
 def scratch_root(root: Path) -> Path:
@@ -532,7 +676,7 @@ def main(paths: Paths, params: Params) -> None:
         log.info("ingest: %d files from %s source %s", len(files), kind, p.source)
         result = run_ingest(files, p, paths.images, paths.images.relative_to(paths.root).as_posix(), empty)
     paths.manifest.parent.mkdir(parents=True, exist_ok=True)
-    result.manifest.to_csv(paths.manifest, index=False)
+    result.write_manifest(paths.manifest)
     report = {"source": p.source, "source_kind": kind, **result.report}
     paths.ingest_report.write_text(json.dumps(report, indent=2) + "\n")
     log.info("ingest: %d images in %s, %d left out (see %s)", report["accepted"],
