@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from cleanmessy.errors import UserError
+from cleanmessy.models import trains_head_on_features
 from cleanmessy.params import TrainParams
 
 SCALING_OUT = 'see README "Scaling out"'
@@ -67,8 +68,7 @@ def why_not_distributed(p: TrainParams) -> str | None:
     if p.head == "logistic":
         return ("train.head logistic is fitted by scikit-learn on one machine; use train.head dense to train "
                 "across replicas, or train.distribute none")
-    augmenting = p.augment.flip != "none" or p.augment.rotation > 0
-    if p.arch != "seed_cnn" and not augmenting:
+    if trains_head_on_features(p):
         return ("a frozen backbone without augmentation trains its head on cached features, one machine's work "
                 "(the backbone sees each photo once); turn on train.augment to train the whole model across "
                 "replicas, or set train.distribute none")
@@ -109,6 +109,9 @@ def distributed_batches(strategy, frame: pd.DataFrame, batch_size: int,
 
     def dataset_fn(context):
         shard = frame.iloc[context.input_pipeline_id::context.num_input_pipelines]
+        if shard.empty:
+            raise UserError(f"{len(frame)} photos cannot be shared by {context.num_input_pipelines} workers: each "
+                            "needs at least one training and one validation photo")
         return make(shard, context.get_per_replica_batch_size(global_batch))
 
     return DistributedBatches(strategy, strategy.distribute_datasets_from_function(dataset_fn),
@@ -137,7 +140,7 @@ def distributed_fit(model, train: DistributedBatches, val: DistributedBatches, e
         return run
 
     train_step, test_step = stepper(model.train_step), stepper(model.test_step)
-    train_batches, val_batches = iter(train.dataset), iter(val.dataset)
+    train_batches = iter(train.dataset)
     callback_list = keras.callbacks.CallbackList(callbacks, model=model)
     history: dict[str, list[float]] = {}
     model.stop_training = False
@@ -149,6 +152,9 @@ def distributed_fit(model, train: DistributedBatches, val: DistributedBatches, e
             logs = train_step(train_batches)
         logs = {k: float(v) for k, v in logs.items()}
         model.reset_metrics()
+        # From the start each epoch: the same rows every time (each worker's shard, wrapped round
+        # to fill the last global batch), so epochs' val_loss compare, as early stopping needs.
+        val_batches = iter(val.dataset)
         for _ in range(val.steps):
             val_logs = test_step(val_batches)
         logs.update({f"val_{k}": float(v) for k, v in val_logs.items()})

@@ -7,6 +7,7 @@ indices, not images, and single passes stream through `decode_batches`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -86,7 +87,8 @@ def decode_batches(files: Sequence[str], image_size: int, batch_size: int,
     a few batches are in flight, so memory does not grow with the number of files."""
     workers = usable_cpus()
     in_flight = max(2 * batch_size, 8 * workers)
-    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+    try:
         pending: deque[Future] = deque()
         todo = iter(files)
         batch: list[np.ndarray] = []
@@ -99,6 +101,8 @@ def decode_batches(files: Sequence[str], image_size: int, batch_size: int,
                 batch = []
         if batch:
             yield np.stack(batch)
+    finally:  # on an error or an early stop, the queued decodes are dropped, not waited for
+        pool.shutdown(cancel_futures=True)
 
 
 def scratch_dir(root: Path) -> Path:
@@ -116,7 +120,7 @@ class RowStore:
     file's hot part, outside the process's memory)."""
 
     def __init__(self, n_rows: int, row_shape: tuple[int, ...], dtype: str, budget_bytes: int, scratch: Path) -> None:
-        self.n_rows, self.row_shape, self.dtype = n_rows, row_shape, np.dtype(dtype)
+        self.n_rows, self.row_shape, self.dtype, self.scratch = n_rows, row_shape, np.dtype(dtype), scratch
         self.row_bytes = int(np.prod(row_shape)) * self.dtype.itemsize
         self.written = 0
         self.in_memory = n_rows * self.row_bytes <= budget_bytes
@@ -139,12 +143,23 @@ class RowStore:
         if self.in_memory:
             self._array[self.written:self.written + len(rows)] = rows
         else:
+            data, offset = memoryview(rows.tobytes()), self.written * self.row_bytes
             try:
-                os.pwrite(self._file.fileno(), rows.tobytes(), self.written * self.row_bytes)
+                while data:  # pwrite may write less than asked (a full disk reports only then)
+                    done = os.pwrite(self._file.fileno(), data, offset)
+                    data, offset = data[done:], offset + done
             except OSError as exc:
-                raise UserError(f"cannot write the cache of decoded data to {self._file.name!s} ({exc}); free "
-                                "disk space or raise train.memory_mb") from None
+                raise UserError(f"cannot write the cache of decoded data in {self.scratch} ({exc}); free disk "
+                                "space there or raise train.memory_mb") from None
         self.written += len(rows)
+
+    def close(self) -> None:
+        """Give the memory or the scratch file back. tf.data keeps a dataset's Python functions
+        for the life of the process, so a store is not freed when its dataset goes away."""
+        if self.in_memory:
+            self._array = np.empty((0, *self.row_shape), self.dtype)
+        else:
+            self._file.close()
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         """The rows at `indices`, in that order."""
@@ -187,12 +202,16 @@ def store_dataset(store: RowStore, labels: np.ndarray, batch_size: int, shuffle_
 
 
 def make_dataset(frame: pd.DataFrame, root: Path, class_names: list[str], image_size: int, batch_size: int,
-                 shuffle_seed: int | None = None, memory_mb: int = DEFAULT_MEMORY_MB, repeat: bool = False):
+                 shuffle_seed: int | None = None, memory_mb: int = DEFAULT_MEMORY_MB, repeat: bool = False,
+                 cleanup: contextlib.ExitStack | None = None):
     """For training (several passes): decode every image once, in parallel, into a RowStore (in
     memory up to `memory_mb`, else a scratch file), then batches of (uint8 image, label index),
-    shuffled when a seed is given. Single passes (prediction, features) use `decode_batches`."""
+    shuffled when a seed is given. The store is closed with `cleanup` (else at exit). Single
+    passes (prediction, features) use `decode_batches`."""
     labels = label_indices(frame, class_names)
     store = RowStore(len(frame), (image_size, image_size, 3), "uint8", memory_mb << 20, scratch_dir(root))
+    if cleanup is not None:
+        cleanup.callback(store.close)
     for batch in decode_batches([str(root / p) for p in frame["path"]], image_size, 256, "decoding images"):
         store.append(batch)
     return store_dataset(store, labels, batch_size, shuffle_seed, repeat)

@@ -148,6 +148,12 @@ def is_transfer(p: TrainParams) -> bool:
     return p.arch != "seed_cnn"
 
 
+def trains_head_on_features(p: TrainParams) -> bool:
+    """Whether phase 1 trains only the head, on cached backbone features: a transfer model with no
+    augmentation (the frozen backbone then sees each photo once, not once per epoch)."""
+    return is_transfer(p) and p.augment.flip == "none" and p.augment.rotation <= 0
+
+
 def fine_tunes(p: TrainParams) -> bool:
     """Whether training has phase 2 (the top of the backbone trains too)."""
     return is_transfer(p) and p.fine_tune_layers > 0 and p.fine_tune_epochs > 0

@@ -85,7 +85,7 @@ class TrainParams:
     head_c: float = 0.1  # logistic head: inverse L2 strength (scikit-learn's C)
     # Scale (README "Scaling out"): where training runs, and how much decoded data it keeps in memory.
     distribute: Literal["none", "mirrored", "multi_worker"] = "none"  # tf.distribute strategy
-    memory_mb: int = 512  # decoded images and features in memory up to this; beyond, a scratch file
+    memory_mb: int = 512  # per cache (a split's decoded images or features): memory up to this, else a scratch file
 
 
 @dataclass(frozen=True)

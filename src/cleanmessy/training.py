@@ -7,6 +7,7 @@ the logistic head then trains by SGD in chunks. No tracking: each epoch's metric
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,8 +25,8 @@ from cleanmessy.models import (
     compile_model,
     fine_tunes,
     has_layer,
-    is_transfer,
     photos_per_step,
+    trains_head_on_features,
     unfreeze_top,
 )
 from cleanmessy.params import TrainParams
@@ -125,19 +126,21 @@ def _moments(store: RowStore, chunk: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _sgd_logistic(store: RowStore, labels: np.ndarray, mean: np.ndarray, scale: np.ndarray, n_classes: int,
                   c: float, chunk: int, seed: int):
-    """The same objective as LogisticRegression(C=c) (divided by C·n), by averaged SGD over
-    shuffled chunks of rows read from `store`: for features that do not fit in memory."""
+    """LogisticRegression(C=c)'s L2-regularised log loss (divided by C·n; one-vs-rest where there
+    are more than 2 classes), by averaged SGD over chunks of rows read from `store`: for features
+    that do not fit in memory. Each chunk is a random sample of all rows: the store holds them in
+    split order (one class after the other), and a chunk of one class would teach only that class."""
     from sklearn.linear_model import SGDClassifier
 
     n = store.n_rows
     sgd = SGDClassifier(loss="log_loss", alpha=1.0 / (c * n), average=True, random_state=seed)
     rng = np.random.default_rng(seed)
     for _ in range(SGD_PASSES):
-        for start in rng.permutation(np.arange(0, n, chunk)):
-            stop = min(start + chunk, n)
-            order = rng.permutation(stop - start)
-            x = (store.read_range(start, stop).astype(np.float64) - mean) / scale
-            sgd.partial_fit(x[order], labels[start:stop][order], classes=np.arange(n_classes))
+        order = rng.permutation(n)
+        for start in range(0, n, chunk):
+            rows = order[start:start + chunk]
+            x = (store.read(rows).astype(np.float64) - mean) / scale
+            sgd.partial_fit(x, labels[rows], classes=np.arange(n_classes))
     return sgd
 
 
@@ -224,15 +227,23 @@ def train_model(model: keras.Model, train_frame: pd.DataFrame, val_frame: pd.Dat
     """All training phases `train.*` asks for; returns the history (one row per epoch). Each
     epoch's metrics go to `on_epoch(metrics, step)` (the train stage logs them to MLflow). With a
     tf.distribute `strategy` (the model built in its scope), each worker trains on its shard."""
+    with contextlib.ExitStack() as cleanup:  # every cache of decoded images or features is freed at the end
+        return _train_phases(model, train_frame, val_frame, root, class_names, image_size, p, seed, on_epoch,
+                             strategy, cleanup)
+
+
+def _train_phases(model: keras.Model, train_frame: pd.DataFrame, val_frame: pd.DataFrame, root: Path,
+                  class_names: list[str], image_size: int, p: TrainParams, seed: int, on_epoch: OnEpoch | None,
+                  strategy, cleanup: contextlib.ExitStack) -> pd.DataFrame:
     budget, scratch = p.memory_mb << 20, scratch_dir(root)
 
     def images(frame: pd.DataFrame, shuffle: bool):
         if strategy is None:
             return make_dataset(frame, root, class_names, image_size, p.batch_size,
-                                shuffle_seed=seed if shuffle else None, memory_mb=p.memory_mb)
+                                shuffle_seed=seed if shuffle else None, memory_mb=p.memory_mb, cleanup=cleanup)
         return distributed_batches(strategy, frame, p.batch_size, lambda shard, batch_size: make_dataset(
             shard, root, class_names, image_size, batch_size, shuffle_seed=seed if shuffle else None,
-            memory_mb=p.memory_mb, repeat=True))
+            memory_mb=p.memory_mb, repeat=True, cleanup=cleanup))
 
     datasets: list = []  # built once (each decodes its split): phase 2 reuses phase 1's
 
@@ -241,13 +252,14 @@ def train_model(model: keras.Model, train_frame: pd.DataFrame, val_frame: pd.Dat
             datasets.extend([images(train_frame, True), images(val_frame, False)])
         return datasets
 
-    augmenting = p.augment.flip != "none" or p.augment.rotation > 0
-    if is_transfer(p) and not augmenting:
+    if trains_head_on_features(p):
         labels = (label_indices(train_frame, class_names), label_indices(val_frame, class_names))
         step = photos_per_step(model, p.batch_size)  # feature extraction only: small steps, less memory
         stores = [cached_features(model, decode_batches([str(root / f) for f in frame["path"]], image_size, step,
                                                         f"features ({name})"), len(frame), budget, scratch)
                   for name, frame in (("train", train_frame), ("val", val_frame))]
+        for store in stores:
+            cleanup.callback(store.close)
         val_x = view_means(stores[1], stores[1].n_rows // len(val_frame))
         history = fit_head_on_features(model, stores[0], val_x, labels, p, seed, on_epoch)
     else:

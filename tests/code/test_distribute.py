@@ -72,7 +72,8 @@ def test_none_needs_no_strategy_and_multi_worker_needs_tf_config():
 
 def test_mirrored_training_runs_kerass_steps_across_replicas_with_early_stopping(tmp_path):
     """The loop every strategy trains through: Keras's own train/test steps under strategy.run,
-    epochs of one pass over the split in global batches, early stopping keeping the best epoch."""
+    epochs of one pass over the split in global batches, early stopping. Here one replica (this
+    machine has one CPU device); two replicas on two workers: tests/pipeline/test_distribute_workers.py."""
     import tensorflow as tf
 
     from cleanmessy.models import build_model

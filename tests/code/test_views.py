@@ -3,6 +3,8 @@ and the logistic head, on tiny images (TensorFlow is imported)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -133,10 +135,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def test_logistic_head_over_the_memory_budget_trains_by_sgd_to_nearly_the_same_model(tmp_path):
     """Features that do not fit train.memory_mb spill to a scratch file (nothing left in the
     folder) and the logistic head trains by SGD on chunks: the same objective, so nearly the same
-    probabilities as the exact solver on the same rows."""
+    probabilities as the exact solver on the same rows, even though the rows come one class after
+    the other (chunks of consecutive rows would each hold one class). Closing frees the file."""
     rng = np.random.default_rng(3)
     x = (rng.normal(size=(6000, 8)) * [1, 2, 3, 0.5, 5, 1, 1, 1] + [0, 1, 2, 3, 4, 5, 6, 7]).astype("float32")
     y = (x[:, 0] + x[:, 2] / 3 + rng.normal(scale=0.5, size=len(x)) > 0.7).astype(int)
+    by_label = np.argsort(y, kind="stable")  # as features are cached: in split order, one class after the other
+    x, y = x[by_label], y[by_label]
     exact = fit_logistic(in_store(x), y, 2, c=0.1, budget_bytes=1 << 30)
     spilled = in_store(x, budget_bytes=1000, scratch=tmp_path)
     assert not spilled.in_memory and list(tmp_path.iterdir()) == []
@@ -144,3 +149,7 @@ def test_logistic_head_over_the_memory_budget_trains_by_sgd_to_nearly_the_same_m
     p_exact, p_sgd = softmax(x @ exact[0] + exact[1]), softmax(x @ by_sgd[0] + by_sgd[1])
     assert np.mean(p_exact.argmax(1) == p_sgd.argmax(1)) > 0.98
     assert np.abs(p_exact - p_sgd).max() < 0.1
+    descriptor = spilled._file.fileno()
+    spilled.close()
+    with pytest.raises(OSError):
+        os.fstat(descriptor)

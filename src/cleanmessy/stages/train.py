@@ -42,7 +42,7 @@ def describe_run(p: TrainParams, data: dict, n_train: int, n_val: int, tags: dic
     return "\n\n".join(lines)
 
 
-def train_for_the_chief(frames: tuple[pd.DataFrame, pd.DataFrame], params: Params, paths: Paths, strategy,
+def train_as_worker(frames: tuple[pd.DataFrame, pd.DataFrame], params: Params, paths: Paths, strategy,
                         task: Task) -> None:
     """A worker other than the chief: train its shard in lockstep with the others, log nothing
     and write nothing (the chief logs the one MLflow run and saves the model)."""
@@ -62,7 +62,7 @@ def main(paths: Paths, params: Params) -> None:
     # Before any other TensorFlow work: MultiWorkerMirroredStrategy sets up the cluster.
     strategy, task = make_strategy(p, os.environ.get("TF_CONFIG"))
     if not task.chief:
-        train_for_the_chief((train_frame, val_frame), params, paths, strategy, task)
+        train_as_worker((train_frame, val_frame), params, paths, strategy, task)
         return
     class_names = sorted(set(train_frame["label"]))
     report = json.loads(paths.ingest_report.read_text())
