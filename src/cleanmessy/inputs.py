@@ -11,10 +11,9 @@ import contextlib
 import json
 import os
 import tempfile
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,8 @@ import pandas as pd
 from cleanmessy.console import progress
 from cleanmessy.errors import UserError
 from cleanmessy.images import ImageError, load_for_model
+from cleanmessy.parallel import ordered_map, usable_cpus
+from cleanmessy.project import scratch_dir
 
 _UNREADABLE = "unreadable image"
 DEFAULT_MEMORY_MB = 512  # train.memory_mb's default: decoded images and features held in memory up to this
@@ -63,11 +64,6 @@ def label_indices(frame: pd.DataFrame, class_names: list[str]) -> np.ndarray:
     return frame["label"].map({c: i for i, c in enumerate(class_names)}).to_numpy(np.int32)
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (a container's or taskset's share, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def unreadable(path: str, exc: Exception) -> UserError:
     return UserError(f"{_UNREADABLE} {path}: {exc}; rerun `dvc repro --force ingest` to rebuild data/images "
                      "from the source")
@@ -82,35 +78,17 @@ def _decode(path: str, image_size: int) -> np.ndarray:
 
 def decode_batches(files: Sequence[str], image_size: int, batch_size: int,
                    desc: str = "decoding") -> Iterator[np.ndarray]:
-    """`files` decoded by `load_for_model` (the one decode path), in order, `batch_size` at a time.
-    A thread per usable CPU decodes (Pillow releases the GIL while it decodes and resizes); at most
-    a few batches are in flight, so memory does not grow with the number of files."""
-    workers = usable_cpus()
-    in_flight = max(2 * batch_size, 8 * workers)
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
-    try:
-        pending: deque[Future] = deque()
-        todo = iter(files)
-        batch: list[np.ndarray] = []
-        for _ in progress(range(len(files)), len(files), desc):
-            while len(pending) < in_flight and (path := next(todo, None)) is not None:
-                pending.append(pool.submit(_decode, path, image_size))
-            batch.append(pending.popleft().result())
-            if len(batch) == batch_size:
-                yield np.stack(batch)
-                batch = []
-        if batch:
+    """`files` decoded by `load_for_model` (the one decode path), in order, `batch_size` at a time,
+    on a thread per usable CPU; only a few images are in flight beyond the batch being filled."""
+    images = ordered_map(partial(_decode, image_size=image_size), files, usable_cpus(), "decode")
+    batch: list[np.ndarray] = []
+    for image in progress(images, len(files), desc):
+        batch.append(image)
+        if len(batch) == batch_size:
             yield np.stack(batch)
-    finally:  # on an error or an early stop, the queued decodes are dropped, not waited for
-        pool.shutdown(cancel_futures=True)
-
-
-def scratch_dir(root: Path) -> Path:
-    """Where spilled caches go: DVC's own scratch folder of the project when there is one (git and
-    DVC ignore it), else the project root. Files there are unlinked at creation, so nothing is
-    left behind, even by a killed run."""
-    dvc_tmp = root / ".dvc" / "tmp"
-    return dvc_tmp if dvc_tmp.is_dir() else root
+            batch = []
+    if batch:
+        yield np.stack(batch)
 
 
 class RowStore:

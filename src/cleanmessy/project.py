@@ -146,3 +146,13 @@ def experiment_home(root: Path, dvc_root: str | None) -> Path:
 def project_paths(start: Path | None = None) -> Paths:
     """Paths of the project containing `start` (default: cwd)."""
     return Paths(find_root(start))
+
+
+def scratch_dir(root: Path) -> Path:
+    """Where a stage keeps temporary files (a downloaded zip, caches that spill out of memory):
+    inside the project, never the system's temp folder. DVC's own scratch folder .dvc/tmp
+    (git-ignored, never hashed) when the project has .dvc/, else the project root itself."""
+    if (root / ".dvc").is_dir():
+        (root / ".dvc" / "tmp").mkdir(exist_ok=True)
+        return root / ".dvc" / "tmp"
+    return root

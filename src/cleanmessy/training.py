@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from cleanmessy.distribute import DistributedBatches, distributed_batches, distributed_fit, strategy_scope
-from cleanmessy.inputs import RowStore, decode_batches, label_indices, make_dataset, scratch_dir, store_dataset
+from cleanmessy.inputs import RowStore, decode_batches, label_indices, make_dataset, store_dataset
 from cleanmessy.models import (
     DROPOUT,
     PROBABILITIES,
@@ -30,6 +30,7 @@ from cleanmessy.models import (
     unfreeze_top,
 )
 from cleanmessy.params import TrainParams
+from cleanmessy.project import scratch_dir
 
 log = logging.getLogger(__name__)
 
