@@ -615,8 +615,9 @@ def run_ingest(files: Iterable[tuple[str | PurePosixPath, Reader]], params: Inge
                workers: int | None = None) -> IngestResult:
     """Validate `files`, copy the accepted ones into `images_dir`, and describe what happened.
     Files are checked and copied on `workers` threads (default: one per usable CPU); the result
-    is the same whatever their number. What is kept per file is a fixed-size record (see
-    AcceptedTable), so memory grows by ~150 bytes a file, the source's listing included."""
+    is the same whatever their number. What is kept per file is its name in the source's
+    listing and a fixed-size record (see AcceptedTable), ~150 bytes: a `cleanmessy ingest` of 1k
+    photos peaks at 0.13 GiB RSS, of 100k at 0.17 GiB (0.28 when records were objects)."""
     if not isinstance(files, Sequence):
         files = list(files)
     # Each file is read once: an accepted one is written as soon as it is checked, into a hidden
