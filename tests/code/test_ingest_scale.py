@@ -19,9 +19,10 @@ import pytest
 from PIL import Image
 
 from cleanmessy import sample
+from cleanmessy.parallel import IN_FLIGHT_PER_WORKER, ordered_map
 from cleanmessy.params import IngestParams
 from cleanmessy.stages import ingest
-from cleanmessy.stages.ingest import Refused, ordered_map, run_ingest, source_files
+from cleanmessy.stages.ingest import Refused, run_ingest, source_files
 
 IMAGES_REL = "data/images"
 WORKERS = 4  # more than the CI machine's cores: the thread pool is exercised wherever the tests run
@@ -93,7 +94,7 @@ def test_threads_give_the_same_result_as_one(tmp_path, caplog):
 
 
 def test_files_in_flight_are_bounded(tmp_path):
-    """While the first file is slow, the threads run ahead by at most FILES_IN_FLIGHT_PER_WORKER
+    """While the first file is slow, the threads run ahead by at most IN_FLIGHT_PER_WORKER
     files per worker, not through the whole source; no more reads run at once than there are
     workers. So memory does not grow with the number of files."""
     lock = threading.Lock()
@@ -116,7 +117,7 @@ def test_files_in_flight_are_bounded(tmp_path):
     photos = [png_bytes(i, side=32) for i in range(200)]
     files = [(f"{('clean', 'messy')[i % 2]}/{i:03d}.png", counted(i, data)) for i, data in enumerate(photos)]
     result = run_ingest(files, IngestParams(), tmp_path / "images", IMAGES_REL, workers=WORKERS)
-    window = ingest.FILES_IN_FLIGHT_PER_WORKER * WORKERS
+    window = IN_FLIGHT_PER_WORKER * WORKERS
     assert 1 < state["started_when_first_done"] <= window
     assert state["most_active"] <= WORKERS
     assert result.report["accepted"] == 200
@@ -268,11 +269,13 @@ def test_one_progress_bar_and_one_summary_line(tmp_path, monkeypatch, caplog):
 
 
 def test_usable_cpus_follows_the_affinity_mask(monkeypatch):
-    monkeypatch.setattr(ingest.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
-    assert ingest.usable_cpus() == 3
-    monkeypatch.delattr(ingest.os, "sched_getaffinity")
-    monkeypatch.setattr(ingest.os, "cpu_count", lambda: 7)
-    assert ingest.usable_cpus() == 7
+    from cleanmessy import parallel
+
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    assert parallel.usable_cpus() == 3
+    monkeypatch.delattr(parallel.os, "sched_getaffinity")
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 7)
+    assert parallel.usable_cpus() == 7
 
 
 def test_one_worker_checks_in_this_thread_with_the_same_reasons(tmp_path):

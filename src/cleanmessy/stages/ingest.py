@@ -24,9 +24,8 @@ import urllib.request
 import zipfile
 import zlib
 from array import array
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -40,8 +39,9 @@ from cleanmessy import sample
 from cleanmessy.console import progress
 from cleanmessy.errors import UserError
 from cleanmessy.images import ImageError, open_rgb
+from cleanmessy.parallel import ordered_map, usable_cpus
 from cleanmessy.params import IngestParams, Params
-from cleanmessy.project import Paths
+from cleanmessy.project import Paths, scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,6 @@ MAX_ZIP_RATIO = 100
 MAX_DOWNLOAD_BYTES = 20 * 2**30
 DOWNLOAD_SECONDS = 3600
 DOWNLOAD_CHUNK = 2**20  # the download's progress bar counts MiB, one per chunk
-# Files submitted to the worker threads and not yet collected, per worker: enough to keep every
-# worker busy while results are collected in order, few enough that memory does not grow with
-# the source (each thread holds at most one file's bytes; a queued one holds none).
-FILES_IN_FLIGHT_PER_WORKER = 4
 SKIPPED_FOLDERS = ("__MACOSX",)  # macOS archive metadata, in zips and in unpacked folders alike
 MANIFEST_CHUNK = 10_000  # manifest rows made into a frame and written at a time
 
@@ -286,39 +282,6 @@ def manifest_order(table: AcceptedTable, rows: np.ndarray) -> np.ndarray:
     """`rows` in the manifest's order: by label, then hash (a digest sorts as its hex does)."""
     labels = table.label_codes.ranks()[np.asarray(table.labels, dtype=np.int64)[rows]]
     return rows[np.lexsort((table.digest_array()[rows], labels))]
-
-
-# ---------------------------------------------------------------- parallel work
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, which taskset and container cpusets
-    narrow), else the machine's count."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
-    """`map(fn, items)` on `workers` threads, results in input order. At most
-    FILES_IN_FLIGHT_PER_WORKER x workers items are submitted and not yet yielded, so memory does
-    not grow with the number of items. Threads pay because Pillow and hashlib release the GIL
-    while they decode and hash; one worker runs here, without a pool."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    window = FILES_IN_FLIGHT_PER_WORKER * workers
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="ingest")
-    pending: deque[Future[R]] = deque()
-    try:
-        for item in items:
-            if len(pending) >= window:
-                yield pending.popleft().result()
-            pending.append(pool.submit(fn, item))
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(cancel_futures=True)  # after an error, what is queued is dropped, not run
 
 
 # ---------------------------------------------------------------- sources (I/O edge)
@@ -596,7 +559,7 @@ def _check_all(files: Sequence[tuple[str, Reader]], params: IngestParams, stagin
     rejected: list[Rejected] = []
     skipped: list[str] = []
     started = time.monotonic()
-    outcomes = ordered_map(partial(_outcome, params=params, staging=staging), files, workers)
+    outcomes = ordered_map(partial(_outcome, params=params, staging=staging), files, workers, "ingest")
     with closing(outcomes):
         for (name, _), outcome in zip(files, progress(outcomes, len(files), "ingest: checking"), strict=True):
             if outcome is None:
@@ -659,20 +622,10 @@ def run_ingest(files: Iterable[tuple[str | PurePosixPath, Reader]], params: Inge
     return IngestResult(report, accepted, manifest_order(accepted, kept), images_rel)
 
 
-def scratch_root(root: Path) -> Path:
-    """Where ingest keeps temporary files (a downloaded zip): inside the project, never the
-    system's temp folder. DVC's own scratch folder .dvc/tmp (git-ignored, never hashed) when the
-    project has .dvc/, else the project root itself."""
-    if (root / ".dvc").is_dir():
-        (root / ".dvc" / "tmp").mkdir(exist_ok=True)
-        return root / ".dvc" / "tmp"
-    return root
-
-
 def main(paths: Paths, params: Params) -> None:
     p = params.ingest
     # Removed on the way out, also after an error; only a killed process leaves it behind.
-    with tempfile.TemporaryDirectory(prefix="ingest-", dir=scratch_root(paths.root)) as tmp:
+    with tempfile.TemporaryDirectory(prefix="ingest-", dir=scratch_dir(paths.root)) as tmp:
         kind, files, empty = source_files(p.source, p.sha256, paths.root, Path(tmp), paths.images)
         log.info("ingest: %d files from %s source %s", len(files), kind, p.source)
         result = run_ingest(files, p, paths.images, paths.images.relative_to(paths.root).as_posix(), empty)
