@@ -53,9 +53,9 @@ TESTED = {
     "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 dvc repro":
         (SERVER, 'run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url)'),
     'TF_CONFIG=\'{"cluster": {"worker": ["host-a:2222", "host-b:2222"]}, "task": {"type": "worker", "index": 0}}\' '
-    "dvc repro": (WORKERS, 'start(["dvc", "repro"], chief_dir, task[0]'),
+    "dvc repro": (WORKERS, 'run_workers([(["dvc", "repro"], chief_dir),'),
     'TF_CONFIG=\'{"cluster": {"worker": ["host-a:2222", "host-b:2222"]}, "task": {"type": "worker", "index": 1}}\' '
-    "cleanmessy train": (WORKERS, '"train"], worker_dir, task[1]'),
+    "cleanmessy train": (WORKERS, '([str(VENV_BIN / "cleanmessy"), "train"], worker_dir)], tmp_path)'),
     # docs/team.md
     "mlflow server --backend-store-uri postgresql://mlflow@127.0.0.1:5432/mlflow --artifacts-destination "
     "mlflow-server/artifacts --host 127.0.0.1 --port 5000": (SERVER, '"server", "--backend-store-uri", database,'),

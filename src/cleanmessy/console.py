@@ -47,6 +47,7 @@ def quiet_environment() -> None:
 # Loggers whose INFO lines are about the libraries, not the user's run.
 QUIET_LOGGERS = {"alembic": logging.WARNING, "mlflow": logging.WARNING, "urllib3": logging.WARNING,
                  "httpx": logging.WARNING, "absl": logging.WARNING, "matplotlib": logging.WARNING,
+                 "tensorflow": logging.WARNING,  # tf.distribute's set-up lines (devices, collectives)
                  # "Failed to resolve installed pip version": uv venvs have no pip; the requirements are pinned
                  "mlflow.utils.environment": logging.ERROR}
 

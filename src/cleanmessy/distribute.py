@@ -91,6 +91,25 @@ def make_strategy(p: TrainParams, tf_config: str | None):
     return tf.distribute.MultiWorkerMirroredStrategy(), task
 
 
+def check_same_inputs(strategy, fingerprint: bytes) -> None:
+    """Stop every worker with one line when their inputs differ (params, splits): they would
+    otherwise stall on unequal step counts or fail on unequal model shapes with TensorFlow's
+    own trace. Each worker's `fingerprint` is gathered by all, so all stop alike."""
+    import numpy as np
+    import tensorflow as tf
+
+    mine = tf.constant(np.frombuffer(fingerprint[:16], np.int32)[None, :])
+
+    @tf.function  # the gather runs as one collective op, not eagerly per replica
+    def everyone() -> tf.Tensor:
+        return strategy.gather(strategy.run(lambda: tf.identity(mine)), axis=0)
+
+    gathered = everyone().numpy()
+    if (gathered != gathered[0]).any():
+        raise UserError("the workers' inputs differ (params.yaml's base/train, or data/splits): give every worker the "
+                        f"same commit and data (git pull, dvc pull); {SCALING_OUT}")
+
+
 @dataclass
 class DistributedBatches:
     """A dataset spread over a strategy's replicas, and how many global steps make one epoch."""

@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -22,22 +23,15 @@ def start(cmd: list[str], cwd, tf_config: dict, log) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
-def test_two_workers_train_one_model_logged_as_one_run_by_the_chief(own_project, tmp_path):
-    chief_dir = own_project
-    set_params(chief_dir, {"train": {"distribute": "multi_worker", "epochs": 2}})
-    run(["git", "commit", "-qam", "train on two workers"], chief_dir)
-    worker_dir = clone_project(chief_dir, tmp_path / "worker")  # the second machine's clone, data pulled
-    untouched = fingerprint(worker_dir)
-    store = MlflowClient(tracking_uri=f"sqlite:///{chief_dir / 'mlruns' / 'mlflow.db'}")
-    runs_before = {r.info.run_id for r in store.search_runs(["1"])}
-
-    ports = [free_port(), free_port()]
+def run_workers(commands: list[tuple[list[str], Path]], tmp_path: Path) -> tuple[list[int], list[str], list[int]]:
+    """Start one process per (command, folder), each with its TF_CONFIG task index, on free loopback
+    ports; wait for all (killed past TIME_LIMIT). Their exit codes, outputs and ports."""
+    ports = [free_port() for _ in commands]
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    logs = [(tmp_path / f"worker{i}.log").open("w") for i in (0, 1)]
+    logs = [(tmp_path / f"worker{i}.log").open("w") for i in range(len(commands))]
     started = time.monotonic()
-    task = [{"cluster": cluster, "task": {"type": "worker", "index": i}} for i in (0, 1)]
-    workers = [start(["dvc", "repro"], chief_dir, task[0], logs[0]),
-               start([str(VENV_BIN / "cleanmessy"), "train"], worker_dir, task[1], logs[1])]
+    workers = [start(cmd, cwd, {"cluster": cluster, "task": {"type": "worker", "index": i}}, logs[i])
+               for i, (cmd, cwd) in enumerate(commands)]
     try:
         codes = [w.wait(timeout=max(1, TIME_LIMIT - (time.monotonic() - started))) for w in workers]
     finally:
@@ -47,7 +41,20 @@ def test_two_workers_train_one_model_logged_as_one_run_by_the_chief(own_project,
                 w.wait()
         for log in logs:
             log.close()
-    output = [(tmp_path / f"worker{i}.log").read_text() for i in (0, 1)]
+    return codes, [(tmp_path / f"worker{i}.log").read_text() for i in range(len(commands))], ports
+
+
+def test_two_workers_train_one_model_logged_as_one_run_by_the_chief(own_project, tmp_path):
+    chief_dir = own_project
+    set_params(chief_dir, {"train": {"distribute": "multi_worker", "epochs": 2}})
+    run(["git", "commit", "-qam", "train on two workers"], chief_dir)
+    worker_dir = clone_project(chief_dir, tmp_path / "worker")  # the second machine's clone, data pulled
+    untouched = fingerprint(worker_dir)
+    store = MlflowClient(tracking_uri=f"sqlite:///{chief_dir / 'mlruns' / 'mlflow.db'}")
+    runs_before = {r.info.run_id for r in store.search_runs(["1"])}
+
+    codes, output, ports = run_workers([(["dvc", "repro"], chief_dir),
+                                        ([str(VENV_BIN / "cleanmessy"), "train"], worker_dir)], tmp_path)
     assert codes == [0, 0], f"exit codes {codes}\n--- chief\n{output[0][-4000:]}\n--- worker 1\n{output[1][-4000:]}"
 
     # The chief: one new run, FINISHED, trained on 2 replicas, with the model and its evaluation.
@@ -63,8 +70,27 @@ def test_two_workers_train_one_model_logged_as_one_run_by_the_chief(own_project,
     # The other worker: trained its shard in lockstep, wrote nothing, logged nothing.
     assert "worker 1 of 2" in output[1] and "worker 1 of 2 done" in output[1]
     assert fingerprint(worker_dir) == untouched
-    # Both processes are gone, and nothing listens on their ports any more.
-    assert all(w.returncode is not None for w in workers)
+    # Both processes are gone (waited for above), and nothing listens on their ports any more.
     for port in ports:
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_workers_with_different_inputs_all_stop_with_one_line_and_log_nothing(own_project, tmp_path):
+    """A worker left on other params (or other splits) would stall the others or fail with
+    TensorFlow's trace; every worker says so in one line instead, before any run is opened."""
+    chief_dir = own_project
+    set_params(chief_dir, {"train": {"distribute": "multi_worker", "epochs": 1}})
+    worker_dir = clone_project(chief_dir, tmp_path / "worker")
+    set_params(worker_dir, {"train": {"learning_rate": 0.002}})
+    store = MlflowClient(tracking_uri=f"sqlite:///{chief_dir / 'mlruns' / 'mlflow.db'}")
+    runs_before = len(store.search_runs(["1"]))
+    train = [str(VENV_BIN / "cleanmessy"), "train"]
+    codes, output, _ = run_workers([(train, chief_dir), (train, worker_dir)], tmp_path)
+    assert codes == [2, 2], f"exit codes {codes}\n{output[0][-3000:]}\n{output[1][-3000:]}"
+    said = ("cleanmessy train: error: the workers' inputs differ (params.yaml's base/train, or data/splits): give "
+            'every worker the same commit and data (git pull, dvc pull); see README "Scaling out"')
+    for text in output:
+        assert [line for line in text.splitlines() if "error" in line.lower()] == [said], text
+        assert "Traceback" not in text
+    assert len(store.search_runs(["1"])) == runs_before

@@ -8,6 +8,7 @@ and writes the outputs, the others train their shard and exit.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -19,11 +20,11 @@ import pandas as pd
 
 from cleanmessy import tracking
 from cleanmessy.card import describe_data
-from cleanmessy.distribute import Task, make_strategy
+from cleanmessy.distribute import Task, check_same_inputs, make_strategy
 from cleanmessy.inputs import ModelSpec, read_split
 from cleanmessy.lineage import lineage_tags, manifest_hash, run_name
 from cleanmessy.models import build_model, save_model
-from cleanmessy.params import Params, TrainParams, used_train_params
+from cleanmessy.params import Params, TrainParams, flatten, used_train_params
 from cleanmessy.project import Paths
 from cleanmessy.training import train_model
 
@@ -42,8 +43,17 @@ def describe_run(p: TrainParams, data: dict, n_train: int, n_val: int, tags: dic
     return "\n\n".join(lines)
 
 
+def inputs_fingerprint(paths: Paths, params: Params) -> bytes:
+    """What every worker must share: the params training reads and the train/val splits."""
+    digest = hashlib.sha256(json.dumps({"seed": params.base.seed, "image_size": params.base.image_size,
+                                        "train": flatten(params.train)}, sort_keys=True, default=str).encode())
+    for name in ("train", "val"):
+        digest.update(paths.split_csv(name).read_bytes())
+    return digest.digest()
+
+
 def train_as_worker(frames: tuple[pd.DataFrame, pd.DataFrame], params: Params, paths: Paths, strategy,
-                        task: Task) -> None:
+                    task: Task) -> None:
     """A worker other than the chief: train its shard in lockstep with the others, log nothing
     and write nothing (the chief logs the one MLflow run and saves the model)."""
     b, p = params.base, params.train
@@ -61,6 +71,8 @@ def main(paths: Paths, params: Params) -> None:
     train_frame, val_frame = read_split(paths.split_csv("train")), read_split(paths.split_csv("val"))
     # Before any other TensorFlow work: MultiWorkerMirroredStrategy sets up the cluster.
     strategy, task = make_strategy(p, os.environ.get("TF_CONFIG"))
+    if p.distribute == "multi_worker":
+        check_same_inputs(strategy, inputs_fingerprint(paths, params))
     if not task.chief:
         train_as_worker((train_frame, val_frame), params, paths, strategy, task)
         return
