@@ -127,10 +127,11 @@ def distributed_batches(strategy, frame: pd.DataFrame, batch_size: int,
     global_batch = batch_size * strategy.num_replicas_in_sync
 
     def dataset_fn(context):
-        shard = frame.iloc[context.input_pipeline_id::context.num_input_pipelines]
-        if shard.empty:
+        # Checked on the length every worker shares, so all stop, not only those left without rows.
+        if len(frame) < context.num_input_pipelines:
             raise UserError(f"{len(frame)} photos cannot be shared by {context.num_input_pipelines} workers: each "
                             "needs at least one training and one validation photo")
+        shard = frame.iloc[context.input_pipeline_id::context.num_input_pipelines]
         return make(shard, context.get_per_replica_batch_size(global_batch))
 
     return DistributedBatches(strategy, strategy.distribute_datasets_from_function(dataset_fn),

@@ -91,3 +91,26 @@ def test_mirrored_training_runs_kerass_steps_across_replicas_with_early_stopping
     assert 1 <= len(history) <= 3 and list(history["phase"].unique()) == ["train"]
     assert history[["train_loss", "train_accuracy", "val_loss", "val_accuracy"]].notna().all().all()
     assert any((a != b).any() for a, b in zip(before, model.get_weights()))
+
+
+def test_a_split_smaller_than_the_cluster_stops_every_worker_with_one_line():
+    """Checked on the split's length, which all workers share (their inputs are compared first),
+    so worker 0, which would still get a row, stops too instead of waiting for the others."""
+    import types
+
+    import pandas as pd
+
+    from cleanmessy.distribute import distributed_batches
+
+    def strategy_of(n_workers: int, worker: int):
+        context = types.SimpleNamespace(input_pipeline_id=worker, num_input_pipelines=n_workers,
+                                        get_per_replica_batch_size=lambda global_batch: global_batch // n_workers)
+        return types.SimpleNamespace(num_replicas_in_sync=n_workers,
+                                     distribute_datasets_from_function=lambda fn: fn(context))
+
+    one_photo = pd.DataFrame({"path": ["a.png"], "label": ["clean"]})
+    for worker in (0, 1):
+        with pytest.raises(UserError, match="1 photos cannot be shared by 2 workers"):
+            distributed_batches(strategy_of(2, worker), one_photo, 4, lambda shard, batch: shard)
+    made = distributed_batches(strategy_of(2, 1), pd.concat([one_photo] * 3), 4, lambda shard, batch: (shard, batch))
+    assert len(made.dataset[0]) == 1 and made.dataset[1] == 4 and made.steps == 1
