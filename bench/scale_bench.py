@@ -138,18 +138,9 @@ def config_changes(name: str, project: Path, source: Path) -> dict:
 
 
 def set_params(project: Path, changes: dict) -> None:
-    """Edit the clone's params.yaml as `dvc exp run -S` does (DVC's round-trip writer)."""
-    from dvc.utils.serialize import modify_yaml
-
-    def apply(target: dict, nested: dict) -> None:
-        for key, value in nested.items():
-            if isinstance(value, dict):
-                apply(target.setdefault(key, {}), value)
-            else:
-                target[key] = value
-
-    with modify_yaml(project / "params.yaml") as data:
-        apply(data, changes)
+    """Apply `changes` to the clone's params.yaml (its comments are not kept: nobody reads them)."""
+    path = project / "params.yaml"
+    path.write_text(yaml.safe_dump(with_changes(yaml.safe_load(path.read_text()), changes), sort_keys=False))
 
 
 def fresh_clone(workdir: Path, name: str) -> Path:
