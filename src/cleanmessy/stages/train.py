@@ -60,7 +60,7 @@ def train_as_worker(frames: tuple[pd.DataFrame, pd.DataFrame], params: Params, p
     class_names = sorted(set(frames[0]["label"]))
     with strategy.scope():
         model = build_model(len(class_names), b.image_size, p, b.seed)
-    log.info("train: worker %d of %d, training with the chief (worker 0), which logs the run and saves the model",
+    log.info("train: worker %d of %d, in step with the chief, which logs the run and saves the model",
              task.index, task.workers)
     train_model(model, *frames, paths.root, class_names, b.image_size, p, b.seed, strategy=strategy)
     log.info("train: worker %d of %d done", task.index, task.workers)
