@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
+from cleanmessy import interrupts
 from cleanmessy.console import filter_stderr, quiet_environment, setup_logging
 from cleanmessy.errors import UserError
 from cleanmessy.images import DEFAULT_MAX_PIXELS
@@ -16,15 +16,6 @@ from cleanmessy.images import DEFAULT_MAX_PIXELS
 log = logging.getLogger("cleanmessy.cli")
 
 quiet_environment()  # before TensorFlow, MLflow or Gradio is imported
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler, `docker stop`, `kill`), raised like Ctrl-C so that MLflow marks the
-    run FAILED and nothing is registered."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
 
 # The pipeline's stages, as dvc.yaml runs them (`cleanmessy <stage>`).
 STAGES = {
@@ -181,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupts.install()
     if args.func not in (_exp_flags, _ui):  # every other command may load TensorFlow (ui execs mlflow)
         filter_stderr()
     try:
@@ -189,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"cleanmessy {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except Terminated:
+    except interrupts.Terminated:
         print(f"cleanmessy {args.command}: terminated", file=sys.stderr)
         return 143
     except KeyboardInterrupt:

@@ -168,15 +168,19 @@ def distributed_fit(model, train: DistributedBatches, val: DistributedBatches, e
     for epoch in range(epochs):
         callback_list.on_epoch_begin(epoch)
         model.reset_metrics()
-        for _ in range(train.steps):
+        for step in range(train.steps):
+            callback_list.on_train_batch_begin(step)
             logs = train_step(train_batches)
+            callback_list.on_train_batch_end(step)
         logs = {k: float(v) for k, v in logs.items()}
         model.reset_metrics()
         # From the start each epoch: the same rows every time (each worker's shard, wrapped round
         # to fill the last global batch), so epochs' val_loss compare, as early stopping needs.
         val_batches = iter(val.dataset)
-        for _ in range(val.steps):
+        for step in range(val.steps):
+            callback_list.on_test_batch_begin(step)
             val_logs = test_step(val_batches)
+            callback_list.on_test_batch_end(step)
         logs.update({f"val_{k}": float(v) for k, v in val_logs.items()})
         for key, value in logs.items():
             history.setdefault(key, []).append(value)

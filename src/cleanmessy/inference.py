@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from cleanmessy import interrupts
 from cleanmessy.errors import UserError
 from cleanmessy.inputs import decode_batches
 from cleanmessy.layers import CUSTOM_OBJECTS
@@ -69,8 +70,11 @@ class Predictor:
         """Probabilities for every image of a split frame (paths relative to `root`), decoded as
         in training and streamed (memory does not grow with the split); an unreadable image is a
         one-line UserError."""
-        files = [str(root / p) for p in frame["path"]]
-        probs = [self._forward(images).numpy() for images in decode_batches(files, self.image_size, self.step)]
+        files, probs = [str(root / p) for p in frame["path"]], []
+        with interrupts.deferred():
+            for images in decode_batches(files, self.image_size, self.step):
+                probs.append(self._forward(images).numpy())
+                interrupts.raise_pending()
         return np.concatenate(probs) if probs else np.zeros((0, self.model.output_shape[-1]), np.float32)
 
     def photos_per_second(self, batch: np.ndarray, rounds: int = 3) -> float:

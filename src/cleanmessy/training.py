@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from cleanmessy import interrupts
 from cleanmessy.distribute import DistributedBatches, distributed_batches, distributed_fit, strategy_scope
 from cleanmessy.inputs import RowStore, decode_batches, label_indices, make_dataset, store_dataset
 from cleanmessy.models import (
@@ -62,18 +63,30 @@ class EpochReporter(keras.callbacks.Callback):
             self.on_epoch(metrics, self.first_epoch + epoch)
 
 
+class StepBoundary(keras.callbacks.Callback):
+    """Raises a Ctrl-C or SIGTERM that arrived during a step once the step is done (see
+    `interrupts`): `fit` defers them, as TensorFlow cannot take them mid-step."""
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        interrupts.raise_pending()
+
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        interrupts.raise_pending()
+
+
 def fit(model: keras.Model, train_ds, val_ds, epochs: int, patience: int, phase: str = "train",
         first_epoch: int = 1, on_epoch: OnEpoch | None = None) -> pd.DataFrame:
     """Train with early stopping on val loss, keeping the best epoch's weights; the history. The
     datasets are tf.data datasets, or `DistributedBatches` to train across replicas."""
     callbacks: list = [keras.callbacks.EarlyStopping("val_loss", patience=patience, restore_best_weights=True),
-                       EpochReporter(first_epoch, epochs, phase, on_epoch)]
-    if isinstance(train_ds, DistributedBatches):
-        values = distributed_fit(model, train_ds, val_ds, epochs, callbacks)
-    else:
-        # shuffle=False: the dataset shuffles itself (Keras warns that it ignores shuffle=True here)
-        values = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0, shuffle=False,
-                           callbacks=callbacks).history
+                       EpochReporter(first_epoch, epochs, phase, on_epoch), StepBoundary()]
+    with interrupts.deferred():
+        if isinstance(train_ds, DistributedBatches):
+            values = distributed_fit(model, train_ds, val_ds, epochs, callbacks)
+        else:
+            # shuffle=False: the dataset shuffles itself (Keras warns that it ignores shuffle=True)
+            values = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0, shuffle=False,
+                               callbacks=callbacks).history
     frame = pd.DataFrame([epoch_metrics(dict(zip(values, row))) for row in zip(*values.values())])
     frame.insert(0, "epoch", range(first_epoch, first_epoch + len(frame)))
     frame.insert(1, "phase", phase)
@@ -91,8 +104,10 @@ def cached_features(model: keras.Model, batches: Iterable[np.ndarray], n_photos:
     forward = tf.function(lambda x: extractor(x, training=False), input_signature=[
         tf.TensorSpec([None, *model.input_shape[1:]], tf.uint8)])
     store = RowStore(n_photos * n_views, (n_features,), "float32", budget_bytes, scratch)
-    for batch in batches:
-        store.append(forward(batch).numpy().reshape(-1, n_features))
+    with interrupts.deferred():
+        for batch in batches:
+            store.append(forward(batch).numpy().reshape(-1, n_features))
+            interrupts.raise_pending()
     return store
 
 
