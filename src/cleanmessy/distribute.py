@@ -169,9 +169,8 @@ def distributed_fit(model, train: DistributedBatches, val: DistributedBatches, e
         callback_list.on_epoch_begin(epoch)
         model.reset_metrics()
         for step in range(train.steps):
-            callback_list.on_train_batch_begin(step)
+            callback_list.on_train_batch_begin(step)  # a step boundary (training.StepBoundary)
             logs = train_step(train_batches)
-            callback_list.on_train_batch_end(step)
         logs = {k: float(v) for k, v in logs.items()}
         model.reset_metrics()
         # From the start each epoch: the same rows every time (each worker's shard, wrapped round
@@ -180,7 +179,6 @@ def distributed_fit(model, train: DistributedBatches, val: DistributedBatches, e
         for step in range(val.steps):
             callback_list.on_test_batch_begin(step)
             val_logs = test_step(val_batches)
-            callback_list.on_test_batch_end(step)
         logs.update({f"val_{k}": float(v) for k, v in val_logs.items()})
         for key, value in logs.items():
             history.setdefault(key, []).append(value)

@@ -64,13 +64,15 @@ class EpochReporter(keras.callbacks.Callback):
 
 
 class StepBoundary(keras.callbacks.Callback):
-    """Raises a Ctrl-C or SIGTERM that arrived during a step once the step is done (see
-    `interrupts`): `fit` defers them, as TensorFlow cannot take them mid-step."""
+    """Raises a Ctrl-C or SIGTERM that arrived during a step before the next one starts (see
+    `interrupts`): `fit` defers them, as TensorFlow cannot take them mid-step. The batch-begin
+    hooks, not batch-end: Keras then copies each step's metrics to Python, which would make a GPU
+    wait for every step to finish before the next is dispatched."""
 
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         interrupts.raise_pending()
 
-    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+    def on_test_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         interrupts.raise_pending()
 
 

@@ -80,8 +80,8 @@ def test_other_threads_neither_hold_nor_raise_the_main_threads_signals(handlers)
 
 
 @pytest.mark.parametrize("distribute", ["none", "mirrored"])
-def test_sigterm_during_training_stops_after_the_step_it_arrived_in(handlers, tmp_path, distribute):
-    """Sent at the end of epoch 1, SIGTERM is raised after epoch 2's first step, through Keras's
+def test_sigterm_during_training_stops_at_the_next_step_boundary(handlers, tmp_path, distribute):
+    """Sent at the end of epoch 1, SIGTERM is raised before epoch 2's first step, through Keras's
     fit and through the loop every tf.distribute strategy trains with."""
     from cleanmessy.distribute import make_strategy
     from cleanmessy.models import build_model
