@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from cleanmessy import interrupts
 from cleanmessy.errors import UserError
 from cleanmessy.models import trains_head_on_features
 from cleanmessy.params import TrainParams
@@ -104,7 +105,8 @@ def check_same_inputs(strategy, fingerprint: bytes) -> None:
     def everyone() -> tf.Tensor:
         return strategy.gather(strategy.run(lambda: tf.identity(mine)), axis=0)
 
-    gathered = everyone().numpy()
+    with interrupts.deferred():
+        gathered = everyone().numpy()
     if (gathered != gathered[0]).any():
         raise UserError("the workers' inputs differ (params.yaml's base/train, or data/splits): give every worker the "
                         f"same commit and data (git pull, dvc pull); {SCALING_OUT}")

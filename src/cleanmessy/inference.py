@@ -63,8 +63,12 @@ class Predictor:
         """Probabilities for a uint8 batch (n, size, size, 3)."""
         if not len(batch):
             return np.zeros((0, self.model.output_shape[-1]), np.float32)
-        return np.concatenate([self._forward(batch[i:i + self.step]).numpy()
-                               for i in range(0, len(batch), self.step)])
+        probs = []
+        with interrupts.deferred():
+            for i in range(0, len(batch), self.step):
+                interrupts.raise_pending()
+                probs.append(self._forward(batch[i:i + self.step]).numpy())
+        return np.concatenate(probs)
 
     def predict_split(self, frame: pd.DataFrame, root: Path) -> np.ndarray:
         """Probabilities for every image of a split frame (paths relative to `root`), decoded as
@@ -73,8 +77,8 @@ class Predictor:
         files, probs = [str(root / p) for p in frame["path"]], []
         with interrupts.deferred():
             for images in decode_batches(files, self.image_size, self.step):
-                probs.append(self._forward(images).numpy())
                 interrupts.raise_pending()
+                probs.append(self._forward(images).numpy())
         return np.concatenate(probs) if probs else np.zeros((0, self.model.output_shape[-1]), np.float32)
 
     def photos_per_second(self, batch: np.ndarray, rounds: int = 3) -> float:

@@ -13,6 +13,7 @@ threads run the same prediction loops and must neither swallow nor raise the ser
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -23,25 +24,29 @@ class Terminated(KeyboardInterrupt):
     run FAILED and nothing is registered."""
 
 
-_deferring = 0  # depth of nested `deferred()` blocks in the main thread
+_depth = 0  # of nested `deferred()` blocks in the main thread
 _pending: type[KeyboardInterrupt] | None = None
+HELD = b"cleanmessy: stopping after this step (a second signal stops at once)\n"
 
 
 def _on_signal(signum: int, frame: object) -> None:
     global _pending
     error = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-    if _deferring and _pending is None:
+    if _depth and _pending is None:
         _pending = error
+        os.write(2, HELD)  # a step can take long (tracing, a big backbone); os.write is safe here, logging is not
         return
-    _pending = None  # a second signal goes at once, and takes the first with it
+    # A second signal goes at once and takes the first with it (SIGTERM then Ctrl-C exits 130,
+    # as interrupted); raised mid-step, it may show TensorFlow's traceback: the user chose to.
+    _pending = None
     raise error()
 
 
 def install() -> None:
     """Handle SIGTERM and Ctrl-C (SIGINT) in this process; call from the main thread. A SIGINT
-    that the process started ignoring (a background job) stays ignored, as Python leaves it."""
+    that the process started ignoring (a background job) stays ignored."""
     signal.signal(signal.SIGTERM, _on_signal)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, _on_signal)
 
 
@@ -61,18 +66,20 @@ def raise_pending() -> None:
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
     """Hold a signal that arrives in the block until the next `raise_pending()` in it, or the
-    block's end (the main thread only; elsewhere this does nothing)."""
-    global _deferring, _pending
+    block's end (the main thread only; elsewhere this does nothing). When the block stops on an
+    exception of its own, that exception goes on and a held signal is dropped: the work it was
+    to stop has stopped (SIGTERM then an unreadable photo exits 2, with the photo's line)."""
+    global _depth, _pending
     if not _in_main_thread():
         yield
         return
-    _deferring += 1
+    _depth += 1
     try:
         yield
     except BaseException:
-        if _deferring == 1:
-            _pending = None  # the block stops on its own exception: the signal has nothing left to stop
+        _depth -= 1  # first: from here on a signal raises at once, so none can be left held
+        if not _depth:
+            _pending = None
         raise
-    finally:
-        _deferring -= 1
+    _depth -= 1
     raise_pending()

@@ -65,9 +65,10 @@ class EpochReporter(keras.callbacks.Callback):
 
 class StepBoundary(keras.callbacks.Callback):
     """Raises a Ctrl-C or SIGTERM that arrived during a step before the next one starts (see
-    `interrupts`): `fit` defers them, as TensorFlow cannot take them mid-step. The batch-begin
-    hooks, not batch-end: Keras then copies each step's metrics to Python, which would make a GPU
-    wait for every step to finish before the next is dispatched."""
+    `interrupts`), in blocks that defer them because TensorFlow cannot take them mid-step.
+    Batch-begin hooks, because Keras calls them in the main thread, where signals arrive; a
+    batch-end hook would make Keras copy every step's metrics to Python and stop dispatching
+    batch-end callbacks to its thread pool, so a GPU would wait on each step."""
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         interrupts.raise_pending()
@@ -108,8 +109,8 @@ def cached_features(model: keras.Model, batches: Iterable[np.ndarray], n_photos:
     store = RowStore(n_photos * n_views, (n_features,), "float32", budget_bytes, scratch)
     with interrupts.deferred():
         for batch in batches:
-            store.append(forward(batch).numpy().reshape(-1, n_features))
             interrupts.raise_pending()
+            store.append(forward(batch).numpy().reshape(-1, n_features))
     return store
 
 
@@ -210,8 +211,10 @@ def fit_head_on_features(model: keras.Model, train_features: RowStore, val_x: np
         n_classes = model.get_layer(PROBABILITIES).units
         weights = fit_logistic(train_features, train_y, n_classes, p.head_c, p.memory_mb << 20, seed)
         model.get_layer(PROBABILITIES).set_weights(list(weights))
-        loss, accuracy = head.evaluate(store_dataset(train_features, train_y, 32), verbose=0)
-        val_loss, val_accuracy = head.evaluate(val_x, labels[1], verbose=0)
+        with interrupts.deferred():
+            loss, accuracy = head.evaluate(store_dataset(train_features, train_y, 32), verbose=0,
+                                           callbacks=[StepBoundary()])
+            val_loss, val_accuracy = head.evaluate(val_x, labels[1], verbose=0, callbacks=[StepBoundary()])
         row = {"train_loss": loss, "train_accuracy": accuracy, "val_loss": val_loss, "val_accuracy": val_accuracy}
         if on_epoch:
             on_epoch(row, 1)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cleanmessy import tracking
+from cleanmessy import interrupts, tracking
 from cleanmessy.images import to_model_input
 from cleanmessy.params import IngestParams
 
@@ -65,8 +65,9 @@ class ServedModel:
         self._explain = gradcam_function(self.keras_model, self.image_size)
         self._explained_class = explained_class(self.class_names)
         warm = np.zeros((1, self.image_size, self.image_size, 3), np.uint8)
-        self.predict(warm)
-        self._explain(warm, np.int32(self._explained_class))
+        with interrupts.deferred():
+            self.predict(warm)
+            self._explain(warm, np.int32(self._explained_class))
         log.info("loaded %s (%s), classes %s, %d px", self.version.uri, ",".join(self.version.aliases) or "no alias",
                  self.class_names, self.image_size)
 

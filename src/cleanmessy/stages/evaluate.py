@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
-from cleanmessy import tracking
+from cleanmessy import interrupts, tracking
 from cleanmessy.card import describe_data, render_card, wilson_interval
 from cleanmessy.errors import UserError
 from cleanmessy.inference import Predictor, load_logged_model, load_model_file
@@ -151,8 +151,10 @@ def log_and_register(model, spec: ModelSpec, test_frame: pd.DataFrame, paths: Pa
     mlflow.log_dict({"test": test}, "evaluation.json")
     mlflow.log_text(card, "model_card.md")
     example = to_model_input_batch(test_frame, paths.root, spec.image_size)
+    with interrupts.deferred():
+        prediction = model.predict(example, verbose=0)
     with contextlib.redirect_stdout(io.StringIO()):  # MLflow's signature check prints progress bars
-        info = tracking.log_keras_model(model, example, model.predict(example, verbose=0),
+        info = tracking.log_keras_model(model, example, prediction,
                                         {"class_names": spec.class_names, "image_size": spec.image_size,
                                          "min_side": params.ingest.min_side, "training_data": training_data},
                                         extra_files={"model_card.md": card})
