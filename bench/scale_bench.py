@@ -45,12 +45,11 @@ import yaml
 
 from cleanmessy.console import QUIET_ENVIRONMENT
 from cleanmessy.params import with_changes
-from cleanmessy.sample import render
+from cleanmessy.sample import CLASSES, render
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 WEIGHTS = ROOT.parent / "shared" / "keras-weights"
-LABELS = ("clean", "messy")
 PHOTO_SIDE = 384
 JPEG_QUALITY = 90
 STAGES = ("ingest", "split", "train", "evaluate")
@@ -79,7 +78,7 @@ def render_photos(pool_dir: Path, per_label: int, jobs: int) -> float:
     """Make sure pool_dir/<label>/<index>.jpg exists for index < per_label; seconds it took."""
     started = time.perf_counter()
     todo = []
-    for label in LABELS:
+    for label in CLASSES:
         (pool_dir / label).mkdir(parents=True, exist_ok=True)
         todo += [(label, i, str(pool_dir / label / f"{i}.jpg")) for i in range(per_label)
                  if not (pool_dir / label / f"{i}.jpg").exists()]
@@ -95,8 +94,8 @@ def render_photos(pool_dir: Path, per_label: int, jobs: int) -> float:
 def is_complete(folder: Path, per_label: int) -> bool:
     """Whether folder holds exactly <label>/0.jpg .. <label>/<per_label - 1>.jpg for each label."""
     expected = {f"{i}.jpg" for i in range(per_label)}
-    return (sorted(p.name for p in folder.iterdir()) == sorted(LABELS)
-            and all({p.name for p in (folder / label).iterdir()} == expected for label in LABELS))
+    return (sorted(p.name for p in folder.iterdir()) == sorted(CLASSES)
+            and all({p.name for p in (folder / label).iterdir()} == expected for label in CLASSES))
 
 
 def photo_folder(workdir: Path, n: int, pool_dir: Path) -> Path:
@@ -105,7 +104,7 @@ def photo_folder(workdir: Path, n: int, pool_dir: Path) -> Path:
     if folder.is_dir() and is_complete(folder, n // 2):
         return folder
     shutil.rmtree(folder, ignore_errors=True)
-    for label in LABELS:
+    for label in CLASSES:
         (folder / label).mkdir(parents=True)
         for i in range(n // 2):
             os.link(pool_dir / label / f"{i}.jpg", folder / label / f"{i}.jpg")

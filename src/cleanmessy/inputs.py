@@ -101,16 +101,15 @@ class RowStore:
         self.n_rows, self.row_shape, self.dtype, self.scratch = n_rows, row_shape, np.dtype(dtype), scratch
         self.row_bytes = int(np.prod(row_shape)) * self.dtype.itemsize
         self.written = 0
-        self.in_memory = n_rows * self.row_bytes <= budget_bytes
+        self.in_memory = self.nbytes <= budget_bytes
         if self.in_memory:
             self._array = np.empty((n_rows, *row_shape), self.dtype)
         else:
             try:
                 self._file = tempfile.TemporaryFile(dir=scratch)
             except OSError as exc:
-                size_mb = n_rows * self.row_bytes / 1e6
-                raise UserError(f"cannot create a scratch file in {scratch} for {size_mb:,.0f} MB of cached data "
-                                f"({exc}); raise train.memory_mb or free the folder") from None
+                raise UserError(f"cannot create a scratch file in {scratch} for {self.nbytes / 1e6:,.0f} MB of "
+                                f"cached data ({exc}); raise train.memory_mb or free the folder") from None
 
     @property
     def nbytes(self) -> int:

@@ -139,8 +139,14 @@ def render(label: str, index: int, size: int = 128, seed: int = 0) -> Image.Imag
     return img
 
 
-def generate(recipe: Recipe) -> Iterator[tuple[str, str, Image.Image]]:
-    """Yield `(relative_path, label, image)` for every picture of the recipe."""
+def pictures(recipe: Recipe) -> Iterator[tuple[str, str, int]]:
+    """`(relative_path, label, index)` of every picture of the recipe, in order, none rendered."""
     for label in CLASSES:
         for i in range(recipe.per_class):
-            yield f"{label}/{i:04d}.png", label, render(label, i, recipe.size, recipe.seed)
+            yield f"{label}/{i:04d}.png", label, i
+
+
+def generate(recipe: Recipe) -> Iterator[tuple[str, str, Image.Image]]:
+    """Yield `(relative_path, label, image)` for every picture of the recipe."""
+    for rel, label, i in pictures(recipe):
+        yield rel, label, render(label, i, recipe.size, recipe.seed)

@@ -135,7 +135,8 @@ SGD_PASSES = 5  # passes of the chunked SGD over the features (the exact solver 
 
 
 def _moments(store: RowStore, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation of every feature, in float64, two passes over chunks."""
+    """Mean and standard deviation of every feature, two passes over chunks. In float64: float32
+    variances of tiny features underflow to 0."""
     n = store.n_rows
     total = sum(store.read_range(i, min(i + chunk, n)).astype(np.float64).sum(axis=0) for i in range(0, n, chunk))
     mean = total / n
@@ -173,16 +174,14 @@ def fit_logistic(store: RowStore, labels: np.ndarray, n_classes: int, c: float, 
     from sklearn.linear_model import LogisticRegression
 
     n_features = store.row_shape[0]
-    if 2 * store.n_rows * n_features * 8 <= budget_bytes:
-        # float64: float32 variances of tiny features underflow to 0
+    exact = 2 * store.n_rows * n_features * 8 <= budget_bytes
+    chunk = max(store.n_rows, 1) if exact else max(1024, budget_bytes // (4 * n_features * 8))
+    mean, scale = _moments(store, chunk)
+    scale[scale == 0] = 1.0  # constant features (dead units) carry no information
+    if exact:
         features = store.read_range(0, store.n_rows).astype(np.float64)
-        mean, scale = features.mean(axis=0), features.std(axis=0)
-        scale[scale == 0] = 1.0  # constant features (dead units) carry no information
         fitted = LogisticRegression(C=c, max_iter=5000).fit((features - mean) / scale, labels)
     else:
-        chunk = max(1024, budget_bytes // (4 * n_features * 8))
-        mean, scale = _moments(store, chunk)
-        scale[scale == 0] = 1.0
         log.info("train: %d feature rows (%.0f MB) over train.memory_mb: logistic head by SGD in chunks of %d",
                  store.n_rows, store.nbytes / 1e6, chunk)
         fitted = _sgd_logistic(store, labels, mean, scale, n_classes, c, chunk, seed)

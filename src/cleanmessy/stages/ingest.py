@@ -30,7 +30,7 @@ from contextlib import closing
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import TypeVar, overload
+from typing import overload
 
 import numpy as np
 import pandas as pd
@@ -50,8 +50,6 @@ MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height", "format", "ori
 FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
 
 Reader = Callable[[], bytes]
-T = TypeVar("T")
-R = TypeVar("R")
 
 # Limits on what a source may make ingest read into memory (a file is read whole to hash and
 # decode it). A room photo is a few MB; deflate squeezes photos by a few percent, bombs 1000x.
@@ -417,9 +415,8 @@ def _sample_reader(label: str, index: int, recipe: sample.Recipe) -> Reader:
 def _sample_files(folder: Path) -> Iterator[tuple[str, Reader]]:
     """The pictures of a recipe, under the names and in the order sample.generate gives them."""
     recipe = sample.read_recipe(folder)
-    for label in sample.CLASSES:
-        for i in range(recipe.per_class):
-            yield f"{label}/{i:04d}.png", _sample_reader(label, i, recipe)
+    for rel, label, index in sample.pictures(recipe):
+        yield rel, _sample_reader(label, index, recipe)
 
 
 def _chunks(response: io.BufferedIOBase) -> Iterator[bytes]:
