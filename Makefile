@@ -54,15 +54,20 @@ serve: setup
 real: setup
 	@test -n "$(SOURCE)" || { echo "usage: make real SOURCE=path/to/photos"; exit 2; }
 	flags="$$($(RUN) cleanmessy exp-flags experiments/real-photos.yaml)" && \
-	set -f && $(RUN) dvc exp run -S ingest.source=$(SOURCE) $$flags  # set -f: no globbing of [[...]]
+	name="$$($(RUN) cleanmessy exp-name experiments/real-photos.yaml -S ingest.source=$(SOURCE))" && \
+	set -f && $(RUN) dvc exp run -n "$$name" -S ingest.source=$(SOURCE) $$flags  # set -f: no globbing of [[...]]
 
 # A grid of experiments through DVC's queue, JOBS at a time, then the comparison:
 # make grid GRID="train.learning_rate=0.0005 train.learning_rate=0.002" JOBS=2
-# (needs a commit: `dvc exp run` experiments are based on HEAD)
+# (needs a commit: `dvc exp run` experiments are based on HEAD). Each is named after its change
+# (`cleanmessy exp-name`: lr-0.002); all names are checked before any is queued, and a name that
+# this commit's experiments already have is refused.
 GRID ?= train.learning_rate=0.0005 train.learning_rate=0.001 train.learning_rate=0.002
 JOBS ?= 2
 grid: setup
-	for change in $(GRID); do $(RUN) dvc exp run --queue -S "$$change" || exit 1; done
+	$(RUN) cleanmessy exp-name --each $(addprefix -S ,$(GRID))
+	for change in $(GRID); do name="$$($(RUN) cleanmessy exp-name -S "$$change")" && \
+	  $(RUN) dvc exp run --queue -n "$$name" -S "$$change" || exit 1; done
 	$(RUN) dvc queue start -j $(JOBS)
 	while $(RUN) dvc queue status | grep -qE 'Running|Queued'; do sleep 5; done
 	$(RUN) dvc queue status

@@ -36,7 +36,8 @@ VENV_BIN = Path(sys.executable).parent
 
 # What a fresh clone holds that the pipeline needs (outputs, stores and caches excluded).
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "Makefile", ".gitignore", ".dvc/config",
-                 ".dvc/.gitignore", ".dvcignore", "data/.gitignore", "pipeline/.gitignore", "mlruns/.gitignore"]
+                 ".dvc/.gitignore", ".dvc/plots-page.html", ".dvcignore", "data/.gitignore", "pipeline/.gitignore",
+                 "mlruns/.gitignore"]
 PROJECT_DIRS = ["src", "data/sample"]
 
 # Tiny settings: a full `dvc repro` in well under a minute on 2 cores.
@@ -226,6 +227,29 @@ def server(cmd: list[str] | str, cwd: Path, log: Path, ready_url: str, env: dict
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """PID -> command line of the live (not zombie) processes in session `sid`: what a process
+    started with start_new_session=True runs, whatever process groups it makes (from /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, _group, session = stat.read_text().rsplit(")", 1)[1].split()[:4]  # after "pid (comm)"
+            if int(session) == sid and state != "Z":
+                command = stat.with_name("cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found[int(stat.parent.name)] = command
+        except (OSError, ValueError):  # it exited meanwhile
+            continue
+    return found
+
+
+def job_runner_processes(sid: int) -> list[str]:
+    """MLflow's job runner (`mlflow.server.jobs._job_runner` and its huey consumers) in a server's
+    session; asserts the session holds the server itself, so an empty answer means something."""
+    commands = list(session_processes(sid).values())
+    assert any("uvicorn" in command for command in commands), commands
+    return [command for command in commands if "mlflow.server.jobs" in command or "huey" in command]
 
 
 @contextlib.contextmanager

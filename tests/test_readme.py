@@ -35,6 +35,8 @@ TESTED = {
         (PIPELINE, '["dvc", "exp", "run", "-n", "more-test", "-S", "split.test_fraction=0.3"]'),
     "dvc exp show --only-changed --drop 'Created|.*/|roc_auc|macro_f1|loss'":
         (PIPELINE, 'COMPARE_DROP = "Created|.*/|roc_auc|macro_f1|loss"'),
+    "dvc exp show --only-changed --drop 'Created|.*/|roc_auc|macro_f1|loss' --md":
+        (PIPELINE, '"--only-changed", "--drop", COMPARE_DROP, "--md"], project)'),
     "dvc exp show": (PIPELINE, '["dvc", "exp", "show", "--no-pager"], project, COLUMNS="300"'),
     "dvc metrics diff main lr-high": (PIPELINE, '["dvc", "metrics", "diff", "main", "lr-high"]'),
     "dvc plots diff main lr-high": (PIPELINE, '["dvc", "plots", "diff", "main", "lr-high"'),
@@ -45,24 +47,29 @@ TESTED = {
     "cleanmessy serve --stage staging": (SERVING, 'serving(project, "--stage", "staging")'),
     "cleanmessy predict photos/ --out predictions.csv":
         (SERVING, '["cleanmessy", "predict", str(folder), "--out", str(out)]'),
-    "mlflow server --backend-store-uri sqlite:///mlflow-server/mlflow.db --artifacts-destination "
-    "mlflow-server/artifacts --host 127.0.0.1 --port 5000":
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --backend-store-uri sqlite:///mlflow-server/mlflow.db "
+    "--artifacts-destination mlflow-server/artifacts --host 127.0.0.1 --port 5050":
         (SERVER, '"server", "--backend-store-uri", "sqlite:///mlflow-server/mlflow.db",\n'
                  '               "--artifacts-destination", "mlflow-server/artifacts", "--host", "127.0.0.1", '
-                 '"--port"'),
-    "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 dvc repro":
+                 '"--port", str(port)]\n'
+                 '    with server(command, cwd, log, f"{url}/health", env=tool_env(**JOB_RUNNER_OFF))'),
+    "MLFLOW_TRACKING_URI=http://127.0.0.1:5050 dvc repro":
         (SERVER, 'run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url)'),
     'TF_CONFIG=\'{"cluster": {"worker": ["host-a:2222", "host-b:2222"]}, "task": {"type": "worker", "index": 0}}\' '
     "dvc repro": (WORKERS, 'run_workers([(["dvc", "repro"], chief_dir),'),
     'TF_CONFIG=\'{"cluster": {"worker": ["host-a:2222", "host-b:2222"]}, "task": {"type": "worker", "index": 1}}\' '
     "cleanmessy train": (WORKERS, '([str(VENV_BIN / "cleanmessy"), "train"], worker_dir)], tmp_path)'),
     # docs/team.md
-    "mlflow server --backend-store-uri postgresql://mlflow@127.0.0.1:5432/mlflow --artifacts-destination "
-    "mlflow-server/artifacts --host 127.0.0.1 --port 5000": (SERVER, '"server", "--backend-store-uri", database,'),
-    "MLFLOW_FLASK_SERVER_SECRET_KEY=change-me MLFLOW_AUTH_ADMIN_PASSWORD=change-me-too mlflow server --app-name "
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --backend-store-uri "
+    "postgresql://mlflow:PASSWORD@127.0.0.1:5432/mlflow --artifacts-destination mlflow-server/artifacts "
+    "--host 127.0.0.1 --port 5050":
+        (SERVER, 'database = f"postgresql://mlflow:{password}@127.0.0.1:{db_port}/mlflow"\n'
+                 '        command = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", database,'),
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_FLASK_SERVER_SECRET_KEY=change-me "
+    "MLFLOW_AUTH_ADMIN_PASSWORD=change-me-too mlflow server --app-name "
     "basic-auth --backend-store-uri sqlite:///mlflow-server/mlflow.db --artifacts-destination mlflow-server/artifacts "
-    "--host 127.0.0.1 --port 5000": (SERVER, '"server", "--app-name", "basic-auth", "--backend-store-uri",'),
-    "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=change-me-too "
+    "--host 127.0.0.1 --port 5050": (SERVER, '"server", "--app-name", "basic-auth", "--backend-store-uri",'),
+    "MLFLOW_TRACKING_URI=http://127.0.0.1:5050 MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=change-me-too "
     "dvc repro": (SERVER, 'run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url, **admin)'),
     "dvc remote add -d shared /srv/team/dvc-store": (TEAM, '["dvc", "remote", "add", "-d", "shared", str(remote)]'),
     "dvc push": (TEAM, 'run(["dvc", "push"], origin)'),
@@ -70,7 +77,7 @@ TESTED = {
     "dvc status": (TEAM, 'run(["dvc", "status"], mate)'),
     "dvc exp push origin mate-lr": (TEAM, '["dvc", "exp", "push", "origin", "mate-lr"]'),
     "dvc exp pull origin mate-lr": (TEAM, '["dvc", "exp", "pull", "origin", "mate-lr"]'),
-    "make grid": (TEAM, 'run(["make", "grid", '),
+    "make grid": (TEAM, 'make_grid = ["make", "grid", '),
     'make grid GRID="train.learning_rate=0.0005 train.learning_rate=0.002" JOBS=2':
         (TEAM, '"GRID=train.learning_rate=0.002 train.learning_rate=0.003", "JOBS=2"'),
 }

@@ -32,14 +32,32 @@ SOURCE_KINDS = {
 }
 
 
+def data_family(kind: str, source: str) -> str:
+    """Which kind of data from which source a model was trained on: `sample` for the embedded
+    synthetic sample, else `<kind>:<source>` (`folder:../photos`, `zip:rooms.zip`, `url:https://...`).
+    Versions are compared, and promoted, only within one family (tracking.decide_production)."""
+    return "sample" if kind == "sample" else f"{kind}:{source.rstrip('/') or source}"
+
+
 def describe_data(ingest_report: dict[str, Any]) -> dict[str, Any]:
-    """What a model was trained on, for people: the kind of source, a sentence, the image counts
-    (from data/ingest_report.json). Kept in the registered model's metadata and shown by the app."""
+    """What a model was trained on, for people: the kind of source, its family, a sentence, the
+    image counts (from data/ingest_report.json). Kept in the registered model's metadata and shown
+    by the app and `cleanmessy predict`."""
     kind = ingest_report.get("source_kind", "folder")
     classes = dict(ingest_report["classes"])
-    return {"kind": kind, "description": SOURCE_KINDS.get(kind, SOURCE_KINDS["folder"]).format(
-                source=ingest_report["source"]),
+    return {"kind": kind, "family": data_family(kind, ingest_report["source"]),
+            "description": SOURCE_KINDS.get(kind, SOURCE_KINDS["folder"]).format(source=ingest_report["source"]),
             "n_images": int(sum(classes.values())), "classes": classes}
+
+
+def data_warning(training_data: dict[str, Any] | None) -> str:
+    """The warning for a model that never saw a photo (trained on the embedded sample), in plain
+    words; "" for any other. The app shows it beside its model panel, `cleanmessy predict` prints it."""
+    if (training_data or {}).get("kind") != "sample":
+        return ""
+    return ("Not trained on photos. This model learned from synthetic cartoon rooms only, so its answers on real "
+            "photos are not meaningful (its test accuracy is on cartoons too). To classify photos, train the "
+            "pipeline on a folder of photos (see the README).")
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

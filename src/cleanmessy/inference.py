@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import io
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -24,10 +26,22 @@ from cleanmessy.models import PASSES_PER_STEP, photos_per_step
 LOAD_ERRORS = (OSError, TypeError, ValueError)
 
 
+@contextlib.contextmanager
+def _no_optimizer_state_warning() -> Iterator[None]:
+    """Keras warns `Skipping variable loading for optimizer 'adam', because it has 6 variables whereas
+    the saved optimizer has 2` when a saved model's optimizer never trained it (a transfer model
+    whose head trained apart, on cached features). Loaded models only predict here; the optimizer's
+    state is never used, so that warning (and only it) is dropped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer", category=UserWarning)
+        yield
+
+
 def load_model_file(path: Path) -> keras.Model:
     """The pipeline's model file (pipeline/model.keras)."""
     try:
-        return keras.saving.load_model(path, custom_objects=CUSTOM_OBJECTS)
+        with _no_optimizer_state_warning():
+            return keras.saving.load_model(path, custom_objects=CUSTOM_OBJECTS)
     except LOAD_ERRORS as exc:
         raise UserError(f"cannot load {path}: {exc}; run `cleanmessy train` (or `dvc repro`)") from None
 
@@ -38,7 +52,8 @@ def load_logged_model(local: Path, name: str) -> keras.Model:
     from mlflow.exceptions import MlflowException
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # MLflow's Keras loader prints progress bars
+        # MLflow's Keras loader prints progress bars
+        with contextlib.redirect_stdout(io.StringIO()), _no_optimizer_state_warning():
             return mlflow.keras.load_model(str(local), custom_objects=CUSTOM_OBJECTS)
     except (*LOAD_ERRORS, MlflowException) as exc:
         raise UserError(f"cannot load {name}: {exc}") from None

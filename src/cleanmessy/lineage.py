@@ -13,8 +13,6 @@ from pathlib import Path
 # Not code: params are logged as params, data by its hash, and dvc.lock and the pipeline outputs
 # are rewritten by every run (so they would make every run "dirty").
 NOT_CODE = ("params.yaml", "dvc.lock", "data", "pipeline", "mlruns", ".dvc")
-# The run tags that say where a model came from; registered versions carry them too.
-LINEAGE_TAGS = ("git_commit", "git_dirty", "data_manifest_sha256", "data_source", "dvc_exp_name", "model_md5")
 
 
 def manifest_hash(manifest_csv: Path) -> str:
@@ -41,6 +39,17 @@ def _git(root: Path, *args: str) -> str:
 def dvc_experiment() -> str | None:
     """The DVC experiment being run (`dvc exp run` sets DVC_EXP_NAME), if any."""
     return os.environ.get("DVC_EXP_NAME") or None
+
+
+def experiments_on_commit(root: Path) -> tuple[str, set[str]]:
+    """The current commit and the names of the DVC experiments based on it. DVC keeps each as the
+    git ref refs/exps/<commit[:2]>/<commit[2:]>/<name> (dvc/repo/experiments/refs.py), so a name is
+    taken per commit: `dvc exp run -n` refuses one its commit already has."""
+    commit = _git(root, "rev-parse", "HEAD")
+    if not commit:
+        return "", set()
+    refs = _git(root, "for-each-ref", "--format=%(refname)", f"refs/exps/{commit[:2]}/{commit[2:]}/")
+    return commit, {ref.rsplit("/", 1)[1] for ref in refs.splitlines()}
 
 
 def lineage_tags(root: Path, manifest_sha256: str, source: str) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,19 +258,68 @@ def with_changes(base: dict, changes: dict) -> dict:
     return out
 
 
-def exp_flags(changes: dict, prefix: str = "") -> list[str]:
+def change_leaves(changes: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping of params changes as `{"train.learning_rate": 0.002, ...}`, in its order."""
+    leaves: dict[str, Any] = {}
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            leaves.update(change_leaves(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+def _value_text(value: Any) -> str:
+    """A param value as `-S` takes it: strings as they are, the rest as compact JSON (DVC reads YAML)."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def exp_flags(changes: dict) -> list[str]:
     """`dvc exp run` arguments for a nested mapping of params changes: `-S key=value` per leaf,
     the value in compact JSON (DVC reads it as YAML), without spaces so a shell can split them."""
     flags: list[str] = []
-    for key, value in changes.items():
-        if isinstance(value, dict):
-            flags += exp_flags(value, f"{prefix}{key}.")
-            continue
-        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    for key, value in change_leaves(changes).items():
+        text = _value_text(value)
         if not text or any(c.isspace() for c in text):
-            raise UserError(f"{prefix}{key}: {value!r} cannot be passed as a -S flag (empty or with spaces)")
-        flags += ["-S", f"{prefix}{key}={text}"]
+            raise UserError(f"{key}: {value!r} cannot be passed as a -S flag (empty or with spaces)")
+        flags += ["-S", f"{key}={text}"]
     return flags
+
+
+def parse_set(text: str) -> dict:
+    """One `dvc exp run -S` argument (`[params.yaml:]key=value`) as a nested changes mapping, read
+    as DVC reads it (its own parser: Hydra's override grammar, so `1e-3` is a number)."""
+    from dvc.utils.cli_parse import to_path_overrides
+    from dvc.utils.hydra import to_hydra_overrides
+    from hydra.errors import HydraException
+
+    ((file, (override,)),) = to_path_overrides([text]).items()
+    if file != "params.yaml":
+        raise UserError(f"-S {text}: only params.yaml is read here, not {file}")
+    try:
+        (parsed,) = to_hydra_overrides([override])
+    except HydraException:
+        raise UserError(f"-S {text}: expected key=value, e.g. train.learning_rate=0.002") from None
+    if parsed.is_sweep_override() or parsed.is_delete() or parsed.is_add():
+        raise UserError(f"-S {text}: one experiment takes one value per param (no sweeps, `~`, `+`)")
+    changes: dict = {}
+    *sections, leaf = parsed.key_or_group.split(".")
+    node = changes
+    for section in sections:
+        node = node.setdefault(section, {})
+    node[leaf] = parsed.value()
+    return changes
+
+
+def apply_changes(changes: dict, params_file: Path, where: str) -> Params:
+    """The params of `params_file` with the nested `changes` applied, checked: an error names `where`
+    the changes came from and the key, before any stage runs."""
+    try:
+        return parse_params(with_changes(yaml.safe_load(params_file.read_text()) or {}, changes))
+    except FileNotFoundError:
+        raise UserError(f"{params_file} not found") from None
+    except UserError as exc:
+        raise UserError(f"{where}: {str(exc).removeprefix('params.yaml: ')}") from None
 
 
 def load_changes(path: Path, params_file: Path) -> tuple[dict, Params]:
@@ -283,10 +333,56 @@ def load_changes(path: Path, params_file: Path) -> tuple[dict, Params]:
         raise UserError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(changes, dict):
         raise UserError(f"{path} must be a mapping of params.yaml sections")
-    try:
-        return changes, parse_params(with_changes(yaml.safe_load(params_file.read_text()) or {}, changes))
-    except UserError as exc:
-        raise UserError(f"{path}: {str(exc).removeprefix('params.yaml: ')}") from None
+    return changes, apply_changes(changes, params_file, str(path))
+
+
+# How an experiment's name spells a param: its shortest key suffix no other param shares
+# (`test_fraction`, `augment.flip`), or a short name from here.
+SHORT_KEYS = {"train.learning_rate": "lr"}
+SOURCE_KEYS = ("ingest.source", "ingest.sha256")  # changing the data: the name's first word
+SPELLED_CHANGES = 2  # an experiment with more changes (a configuration file) is named after its model
+
+
+def _short_key(key: str) -> str:
+    if key in SHORT_KEYS:
+        return SHORT_KEYS[key]
+    others = [k.split(".") for k in flatten(Params()) if k != key]
+    parts = key.split(".")
+    for n in range(1, len(parts)):
+        if not any(other[-n:] == parts[-n:] for other in others):
+            return ".".join(parts[-n:])
+    return ".".join(parts[1:]) or key
+
+
+def _name_part(text: str) -> str:
+    """`text` in the characters a git ref (so a DVC experiment name) may hold, kept readable."""
+    return re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9._-]+", "-", text)).strip("-.")
+
+
+def exp_name(changes: dict, params: Params) -> str:
+    """The name `make real` and `make grid` give a DVC experiment, and so its MLflow run: what it
+    changes (`changes`, nested as params.yaml), given the `params` it then runs with.
+
+    - One or two changed params are spelled out, each as `<key>-<value>`: `lr-0.002` for
+      `train.learning_rate=0.002`, `test_fraction-0.3`, `augment.flip-none`.
+    - More (a configuration such as experiments/real-photos.yaml) name the model they train:
+      `<arch>-<image_size>`, as `mobilenet_v2-224`; so does no change at all.
+    - A changed `ingest.source` comes first: `real` (photos), or `sample` for the embedded sample;
+      `make real` gives `real-mobilenet_v2-224`.
+
+    Only [A-Za-z0-9._-], no `..`, no leading or trailing `-` or `.`: a valid git ref name."""
+    leaves = change_leaves(changes)
+    words = []
+    if any(key in leaves for key in SOURCE_KEYS):
+        source = leaves.get("ingest.source", params.ingest.source)
+        words.append("sample" if source == IngestParams().source else "real")
+    spelled = {key: value for key, value in leaves.items() if key not in SOURCE_KEYS}
+    if 0 < len(spelled) <= SPELLED_CHANGES:
+        words += [f"{_short_key(key)}-{_name_part(_value_text(value)) or 'empty'}" for key, value in spelled.items()]
+    else:
+        words += [params.train.arch, str(params.base.image_size)]
+    name = _name_part("-".join(words))
+    return name[:-len(".lock")] + "-lock" if name.endswith(".lock") else name
 
 
 def flatten(params: Any, prefix: str = "") -> dict[str, Any]:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -44,6 +45,21 @@ def runs_page(base_url: str, experiment_id: str) -> str:
     GenAI "Traces" view unless the link asks for the machine-learning view (experiment tags such
     as mlflow.experimentKind are ignored by that version)."""
     return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def server_runs_link(run_id: str) -> str | None:
+    """The runs table (`runs_page`) of the experiment `run_id` belongs to, on the tracking server
+    MLflow is connected to; None for a local store (`cleanmessy ui` prints that link). A login in
+    the URI (`http://user:password@host`) is left out of the link."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    parts = urllib.parse.urlsplit(uri)
+    base = urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    try:
+        return runs_page(base, MlflowClient().get_run(run_id).info.experiment_id)
+    except MlflowException:  # only a link: never fail a stage over it
+        return None
 
 
 def connect(paths: Paths | None = None) -> str:
@@ -229,8 +245,19 @@ class Comparison:
     candidate_correct: int
     production_correct: int
     incomparable: str = ""  # why the two cannot be scored on the same images at all (then n_unseen is 0)
+    candidate_family: str = ""  # card.data_family of each; "" when not recorded
+    production_family: str = ""
+
+    @property
+    def same_family(self) -> bool:
+        return bool(self.candidate_family) and self.candidate_family == self.production_family
 
     def describe(self) -> str:
+        if not self.same_family:
+            theirs = self.production_family or "data it does not record"
+            return (f"production version {self.production_version} was trained on {theirs}, this version on "
+                    f"{self.candidate_family or 'unrecorded data'}: promotion never crosses kinds of data "
+                    "(give each its own evaluate.model_name, as experiments/real-photos.yaml does)")
         if self.incomparable:
             return self.incomparable
         if not self.n_unseen:
@@ -252,11 +279,23 @@ def decide_production(accuracy: float, min_accuracy: float, comparison: Comparis
         return False, f"not promoted: {gate}" + (f"; {comparison.describe()}" if comparison else "")
     if comparison is None:
         return True, f"promoted: {gate}; first production version"
-    if not comparison.n_unseen:
+    if not comparison.same_family or not comparison.n_unseen:
         return False, f"not promoted: {comparison.describe()}"
     if comparison.candidate_correct < comparison.production_correct:
         return False, f"not promoted: {comparison.describe()}"
     return True, f"promoted: {gate}; {comparison.describe()}"
+
+
+def version_family(tags: dict[str, str]) -> str:
+    """A registered version's data family (card.data_family): its `data_family` tag, or for versions
+    registered before that tag, the family its `data_kind` and `data_source` tags imply; "" if none."""
+    from cleanmessy.card import data_family
+
+    if family := tags.get("data_family"):
+        return family
+    if tags.get("data_kind") and tags.get("data_source"):
+        return data_family(tags["data_kind"], tags["data_source"])
+    return ""
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
@@ -280,8 +319,9 @@ pipeline's `evaluate` stage (`dvc repro` / `dvc exp run`) and carries its model 
 was trained on, its params and its test results.
 
 - **`production`**: the version `cleanmessy serve` and `cleanmessy predict` load by default. A new
-  version takes it when it reaches `evaluate.min_accuracy` and does at least as well as the current
-  one on the same test images (those the current one never trained on).
+  version takes it when it was trained on the same kind of data from the same source (its
+  `data_family` tag), reaches `evaluate.min_accuracy` and does at least as well as the current one on
+  the same test images (those the current one never trained on).
 - **`staging`**: the newest version that reached `evaluate.min_accuracy`, promoted or not.
 """
 
@@ -290,7 +330,8 @@ def register_and_promote(model_info: Any, name: str, run_id: str, accuracy: floa
                          comparison: Comparison | None, tags: dict[str, str], card: str) -> Promotion:
     """Register the logged model as a new version of `name`. It gets `staging` when it reaches
     `min_accuracy`, and `production` when `decide_production` says so. The version's description
-    is the decision and its model card."""
+    is the decision (its first paragraph, plain text: the registry's table shows it raw) and its
+    model card; its tags are `tags` and `test_accuracy` (few: the registry's table shows them all)."""
     client = MlflowClient()
     promote, reason = decide_production(accuracy, min_accuracy, comparison)
     staging = accuracy >= min_accuracy
@@ -303,8 +344,8 @@ def register_and_promote(model_info: Any, name: str, run_id: str, accuracy: floa
             client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
     # model_id: a tracking server accepts a LoggedModel's models:/m-... source only with its id.
     version = client.create_model_version(name, model_info.model_uri, run_id=run_id, model_id=model_info.model_id,
-                                          tags={**tags, "test_accuracy": repr(accuracy), "promotion": reason},
-                                          description=f"**{reason}**\n\n{card}")
+                                          tags={**tags, "test_accuracy": repr(accuracy)},
+                                          description=f"{reason}\n\n{card}")
     if staging:
         client.set_registered_model_alias(name, STAGING, version.version)
     if promote:
@@ -340,6 +381,12 @@ class RegisteredVersion:
         return f"models:/{self.name}/{self.version}"
 
 
+def names_exact_version(model_uri: str) -> bool:
+    """True for `models:/name/3`, which always means the same version; False for an alias or stage."""
+    found = _MODEL_URI.fullmatch(model_uri)
+    return bool(found and found["ref"] and found["ref"].isdigit())
+
+
 def resolve_version(model_uri: str) -> RegisteredVersion:
     """The registered version a URI names: `models:/name@stage` (stages are aliases),
     `models:/name/3`, or a legacy stage URI `models:/name/Production` (read as alias `production`)."""
@@ -364,6 +411,14 @@ def resolve_version(model_uri: str) -> RegisteredVersion:
     return RegisteredVersion(name=name, version=str(version.version), aliases=sorted(version.aliases or []),
                              run_id=version.run_id or "", description=version.description or "",
                              test_accuracy=float(accuracy) if accuracy else None, tags=dict(version.tags or {}))
+
+
+def run_tag(run_id: str, name: str) -> str:
+    """A tag of a run, "" when the run or the tag is gone."""
+    try:
+        return MlflowClient().get_run(run_id).data.tags.get(name, "") if run_id else ""
+    except MlflowException:
+        return ""
 
 
 def download_version(uri: str) -> tuple[Path, dict[str, Any]]:

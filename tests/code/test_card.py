@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cleanmessy.card import describe_data, render_card, wilson_interval
+from cleanmessy.card import data_family, data_warning, describe_data, render_card, wilson_interval
 
 
 @pytest.mark.parametrize(("k", "n", "low", "high"), [
@@ -60,10 +60,25 @@ def test_card_of_a_sample_model_says_it_never_saw_a_photo():
 
 def test_describe_data_counts_and_kinds():
     assert describe_data({"source": "x.zip", "source_kind": "zip", "classes": {"clean": 3, "messy": 4}}) == {
-        "kind": "zip", "description": "photos from the archive x.zip", "n_images": 7,
+        "kind": "zip", "family": "zip:x.zip", "description": "photos from the archive x.zip", "n_images": 7,
         "classes": {"clean": 3, "messy": 4}}
     assert describe_data({"source": "https://h/x.zip", "source_kind": "url", "classes": {"a": 1}})["description"] == \
         "photos downloaded from https://h/x.zip"
+
+
+def test_data_family_is_the_kind_and_source():
+    """One family for the embedded sample; for photos, the kind and the source as written (a
+    trailing slash does not make another family)."""
+    assert data_family("sample", "data/sample") == "sample"
+    assert data_family("folder", "../shared/datasets/clean-messy/") == "folder:../shared/datasets/clean-messy"
+    assert data_family("folder", "../other") != data_family("folder", "../shared/datasets/clean-messy")
+    assert data_family("url", "https://h/x.zip") == "url:https://h/x.zip"
+
+
+def test_data_warning_only_for_the_sample():
+    """The warning `cleanmessy predict` prints and the app shows: for sample-trained models only."""
+    assert "not meaningful" in data_warning({"kind": "sample"})
+    assert data_warning({"kind": "folder"}) == data_warning(None) == ""
 
 
 def test_wilson_bounds_carry_no_float_noise():

@@ -59,6 +59,39 @@ def test_exp_flags_outside_a_project_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "no Clean vs Messy project found" in result.stderr
 
 
+def test_exp_name_prints_the_grids_names_and_refuses_one_this_commit_has(tmp_path):
+    """`cleanmessy exp-name --each` (make grid's first step) prints one name per change, loading no
+    heavy package; a name that an experiment of the current commit has (DVC's ref
+    refs/exps/<commit[:2]>/<commit[2:]>/<name>), or two changes with one name, is one line, exit 2."""
+    import shutil
+
+    from conftest import REPO, run
+
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    run(["git", "init", "-q", "-b", "main"], tmp_path)
+    run(["git", "add", "-A"], tmp_path)
+    run(["git", "commit", "-qm", "base"], tmp_path)
+    grid = ["exp-name", "--each", "-S", "train.learning_rate=0.002", "-S", "split.test_fraction=0.3"]
+    result = cli(*grid, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.split() == ["lr-0.002", "test_fraction-0.3"], result.stderr
+    assert heavy_modules(result) == ""
+
+    commit = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
+    run(["git", "update-ref", f"refs/exps/{commit[:2]}/{commit[2:]}/test_fraction-0.3", "HEAD"], tmp_path)
+    result = cli(*grid, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[0] == (
+        f"cleanmessy exp-name: error: experiment test_fraction-0.3 already ran on this commit ({commit[:7]}) and "
+        "`dvc exp show` compares it; to run it again, `dvc exp remove test_fraction-0.3` first")
+
+    result = cli("exp-name", "--each", "-S", "train.learning_rate=0.001", "-S", "train.learning_rate=1e-3",
+                 cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.splitlines()[0] == (
+        "cleanmessy exp-name: error: `-S train.learning_rate=0.001` and `-S train.learning_rate=1e-3` would both be "
+        "named lr-0.001: change one of them")
+
+
 def test_stage_launcher_without_cleanmessy_gives_a_hint(tmp_path):
     """`dvc repro` from a shell where cleanmessy is not installed (no active env, no .venv/):
     src/stage.sh says how to set up, exit 127, instead of the shell's bare 'command not found'."""

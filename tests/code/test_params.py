@@ -1,11 +1,23 @@
 """params.yaml parsing and validation: defaults, errors that name the key, flattening."""
 
+import re
 from pathlib import Path
 
 import pytest
 
 from cleanmessy.errors import UserError
-from cleanmessy.params import Params, exp_flags, flatten, load_changes, load_params, parse_params
+from cleanmessy.params import (
+    Params,
+    apply_changes,
+    exp_flags,
+    exp_name,
+    flatten,
+    load_changes,
+    load_params,
+    parse_params,
+    parse_set,
+    with_changes,
+)
 
 REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
@@ -178,6 +190,69 @@ def test_experiment_file_typo_names_the_file_and_key(tmp_path):
 def test_exp_flags_refuse_values_with_spaces():
     with pytest.raises(UserError, match="ingest.source"):
         exp_flags({"ingest": {"source": "my photos"}})
+
+
+def named(*sets: str, base: dict | None = None) -> str:
+    """The name of the experiment that makes these `-S` changes (after `base`'s) to the repo's params."""
+    changes = base or {}
+    for text in sets:
+        changes = with_changes(changes, parse_set(text))
+    return exp_name(changes, apply_changes(changes, REPO_PARAMS, "test"))
+
+
+def test_make_real_names_its_experiment_after_the_model_on_photos():
+    """`make real` = experiments/real-photos.yaml plus `-S ingest.source=SOURCE`: many changes, so
+    named after the model they train (arch, image size), `real` first as the source changes."""
+    changes, _ = load_changes(REPO_PARAMS.parent / "experiments" / "real-photos.yaml", REPO_PARAMS)
+    assert named("ingest.source=../shared/datasets/clean-messy", base=changes) == "real-mobilenet_v2-224"
+    assert named("ingest.source=data/sample", base=changes) == "sample-mobilenet_v2-224"
+    assert named(base=changes) == "mobilenet_v2-224"
+
+
+def test_a_grid_entry_is_named_after_its_change():
+    """One or two changes are spelled out, read as `dvc exp run -S` reads them (1e-3 is a number);
+    a key by its shortest unambiguous suffix (flip is also train.views.flip)."""
+    assert named("train.learning_rate=0.002") == "lr-0.002"
+    assert named("train.learning_rate=1e-3") == "lr-0.001"
+    assert named("params.yaml:split.test_fraction=0.3") == "test_fraction-0.3"
+    assert named("train.augment.flip=none", "train.batch_size=16") == "augment.flip-none-batch_size-16"
+    assert named("train.filters=[16,32]") == "filters-16-32"
+    assert named("ingest.source=photos", "base.image_size=128") == "real-image_size-128"
+    assert named() == "seed_cnn-64"  # no change: the baseline's model
+
+
+@pytest.mark.parametrize("changes", [
+    {"train": {"filters": [16, 32]}},
+    {"ingest": {"source": "a b/../c"}},
+    {"evaluate": {"model_name": "..x..lock"}},
+    {"evaluate": {"model_name": "-a:b~c^d?e*f[g\\h@{i} j/k."}, "split": {"test_fraction": 0.3}},
+    {"train": {"views": {"regions": []}}},
+])
+def test_experiment_names_are_valid_git_ref_names(changes):
+    """DVC keeps an experiment as the git ref refs/exps/<commit>/<name>: every name must pass git's
+    own check, keep to [A-Za-z0-9._-], and start with a letter (so `-n NAME` is no option)."""
+    import subprocess
+
+    name = exp_name(changes, Params())
+    assert re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", name) and ".." not in name and not name.endswith((".", ".lock"))
+    ref = f"refs/exps/ab/cdef/{name}"
+    assert subprocess.run(["git", "check-ref-format", ref], capture_output=True).returncode == 0, name
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("train.learning_rate", "expected key=value"),
+    ("other.yaml:train.epochs=3", "only params.yaml is read here, not other.yaml"),
+    ("train.learning_rate=0.001,0.002", "one value per param"),
+    ("~train.epochs", "one value per param"),
+])
+def test_a_change_dvc_would_not_take_as_one_value_is_refused(text, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_set(text)
+
+
+def test_a_misspelt_change_names_the_key():
+    with pytest.raises(UserError, match=r"^-S train\.learning_rte=0\.1: unknown key train\.learning_rte"):
+        apply_changes(parse_set("train.learning_rte=0.1"), REPO_PARAMS, "-S train.learning_rte=0.1")
 
 
 def test_used_train_params_are_what_the_model_uses():

@@ -69,7 +69,7 @@ def register(root: Path, accuracy: float, min_accuracy: float = 0.8,
 
 def versus(production_version: str, candidate: int, production: int, n_unseen: int = 20) -> tracking.Comparison:
     return tracking.Comparison(production_version, n_test=30, n_unseen=n_unseen, candidate_correct=candidate,
-                               production_correct=production)
+                               production_correct=production, candidate_family="sample", production_family="sample")
 
 
 def aliases(version) -> set[str]:
@@ -129,6 +129,18 @@ def test_runs_land_in_the_project_store(paths):
     assert (paths.mlruns / "artifacts").is_dir()
 
 
+def test_server_runs_link_names_the_servers_runs_table_without_the_login(paths, monkeypatch):
+    """What evaluate prints after a run on a tracking server: the runs table (machine-learning
+    view) of the run's experiment, without a login the URI carries; nothing for a local store."""
+    experiment_id = tracking.open_experiment(paths)
+    run_id = log_dummy_model(paths.root)
+    assert tracking.server_runs_link(run_id) is None  # the project's own SQLite store
+    # As if connected to a server (MlflowClient still reads the run from the local store)
+    monkeypatch.setattr(tracking.mlflow, "get_tracking_uri", lambda: "https://alice:secret@mlflow.example.invalid:5050/")
+    assert tracking.server_runs_link(run_id) == (
+        f"https://mlflow.example.invalid:5050/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+
+
 # ---------------------------------------------------------------- promotion rule
 
 
@@ -167,9 +179,33 @@ def test_incomparable_production_never_promotes_and_says_why():
     scored on the same images: the candidate is registered but not promoted, with the reason."""
     why = "production version 2 tells ['a', 'b', 'c'] apart, this version ['clean', 'messy']: they cannot be compared"
     comparison = tracking.Comparison("2", n_test=30, n_unseen=0, candidate_correct=0, production_correct=0,
-                                     incomparable=why)
+                                     incomparable=why, candidate_family="sample", production_family="sample")
     ok, reason = tracking.decide_production(0.95, 0.8, comparison)
     assert not ok and reason == f"not promoted: {why}"
+
+
+@pytest.mark.parametrize("production_family", ["sample", "folder:../other-photos", ""])
+def test_promotion_never_crosses_data_families(production_family):
+    """A candidate trained on other data than production (another kind, another source, or a
+    production version that does not record its data) is never promoted, however well it scores
+    on its own test images; the one-line reason names both families."""
+    comparison = tracking.Comparison("1", n_test=20, n_unseen=20, candidate_correct=20, production_correct=10,
+                                     candidate_family="folder:../shared/datasets/clean-messy",
+                                     production_family=production_family)
+    ok, reason = tracking.decide_production(1.0, 0.8, comparison)
+    assert not ok and "\n" not in reason
+    assert reason.startswith("not promoted: production version 1 was trained on "
+                             f"{production_family or 'data it does not record'}, this version on "
+                             "folder:../shared/datasets/clean-messy: promotion never crosses kinds of data")
+
+
+def test_version_family_from_tags():
+    """A version's family: its data_family tag, else what the data_kind and data_source tags of
+    versions registered before that tag imply."""
+    assert tracking.version_family({"data_family": "zip:rooms.zip"}) == "zip:rooms.zip"
+    assert tracking.version_family({"data_kind": "sample", "data_source": "data/sample"}) == "sample"
+    assert tracking.version_family({"data_kind": "folder", "data_source": "../photos/"}) == "folder:../photos"
+    assert tracking.version_family({"git_commit": "abc"}) == ""
 
 
 # ---------------------------------------------------------------- registry
@@ -186,9 +222,9 @@ def test_first_version_gets_staging_and_production(paths):
     version = MlflowClient().get_model_version("m", "1")  # search results carry no aliases
     assert set(version.aliases) == {"staging", "production"}
     assert float(version.tags["test_accuracy"]) == 0.9
-    assert version.tags["a"] == "b"
-    assert version.tags["promotion"] == promotion.reason
-    assert version.description == f"**{promotion.reason}**\n\n# Model card: m\n"
+    assert version.tags == {"a": "b", "test_accuracy": "0.9"}  # few tags: the registry's table shows them all
+    # Plain text first: the registry's versions table shows a description's markdown raw.
+    assert version.description == f"{promotion.reason}\n\n# Model card: m\n"
     assert "`production`" in MlflowClient().get_registered_model("m").description
 
 

@@ -18,7 +18,7 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import run, set_params
+from conftest import browser_page, run, screenshot, set_params
 
 STAGES = ["ingest", "split", "train", "evaluate", "plot"]
 PLOTS = ["samples.png", "training_curves.png", "confusion_matrix.png", "predictions.png", "misclassified.png"]
@@ -111,7 +111,7 @@ def test_model_is_registered_with_staging_and_production(tiny_project):
     version = mlflow_client.get_model_version(MODEL, "1")  # search results carry no aliases
     assert version.run_id == run_info(project)["run_id"]
     assert set(version.aliases) == {"staging", "production"}
-    assert version.description.startswith("**promoted: test accuracy")
+    assert version.description.startswith("promoted: test accuracy")
     assert "# Model card: clean-vs-messy" in version.description  # the version page shows the card
     assert float(version.tags["test_accuracy"]) == pytest.approx(evaluation(project)["accuracy"])
     assert "production" in mlflow_client.get_registered_model(MODEL).description
@@ -141,6 +141,20 @@ def test_second_repro_reruns_nothing(own_project):
     result = run(["dvc", "repro"], project)
     assert ran(result.stdout) == []
     assert "Data and pipelines are up to date" in result.stdout
+
+
+def test_training_again_on_the_same_machine_is_byte_identical(own_project):
+    """On one machine, training is deterministic: `dvc repro --force train` writes the same model
+    and history, byte for byte, so DVC sees nothing new downstream. (Across CPUs it need not be:
+    the README says what a fresh clone on another machine shows.)"""
+    project = own_project
+    before = {name: hashlib.md5((project / name).read_bytes()).hexdigest()
+              for name in ("pipeline/model.keras", "pipeline/history.csv", "dvc.lock")}
+    result = run(["dvc", "repro", "--force", "--single-item", "train"], project)
+    assert ran(result.stdout) == ["train"]
+    after = {name: hashlib.md5((project / name).read_bytes()).hexdigest() for name in before}
+    assert after == before
+    assert ran(run(["dvc", "repro"], project).stdout) == []  # evaluate and plot are still up to date
 
 
 def test_dvc_metrics_show_reads_the_headline_metrics_at_100_columns(tiny_project):
@@ -229,15 +243,15 @@ def test_stricter_threshold_registers_without_aliases_unless_reached(own_project
         assert str(production.version) == "2" and set(new.aliases) == {"staging", "production"}
     else:
         assert str(production.version) == "1" and new.aliases == []
-        assert new.description.startswith("**not promoted") and "min_accuracy" in new.description
+        assert new.description.startswith("not promoted") and "min_accuracy" in new.description
 
 
-def test_committed_experiments_compare_side_by_side(own_project):
+def test_committed_experiments_compare_side_by_side(own_project, tmp_path):
     """What a user does after a run: commit it, run two experiments, compare them. Every revision
     carries its metrics and plots (git tracks them), the MLflow runs carry the experiments' names,
     `-S` changes one line of params.yaml, and the candidate that changed the split is compared with
     production (whichever version holds it after the first experiment) on the test images
-    production never trained on."""
+    production never trained on. `dvc plots diff`'s page fits the browser window."""
     project = own_project
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-q", "-m", "baseline run"], project)
@@ -256,7 +270,8 @@ def test_committed_experiments_compare_side_by_side(own_project):
 
     # dvc exp show: numbers, not "!", for the baseline and both experiments
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
-    rows = {(exp.get("name") or exp["rev"]): exp for row in shown for exp in [row] + [e for x in row.get("experiments") or [] for e in x["revs"]]}
+    rows = {(exp.get("name") or exp["rev"]): exp
+            for row in shown for exp in [row] + [e for x in row.get("experiments") or [] for e in x["revs"]]}
     for name in ("lr-high", "more-test", baseline):
         rev = next(r for key, r in rows.items() if key == name or r.get("rev") == name)
         metrics = rev["data"]["metrics"]["pipeline/metrics.json"]["data"]
@@ -308,11 +323,35 @@ def test_committed_experiments_compare_side_by_side(own_project):
 
     batch = np.stack([load_for_model(project / p, 32) for p in shared["path"]])
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}/{production.version}")
-    production_correct = int((np.asarray(model.predict(batch)).argmax(1) == (shared["label"] == "messy").to_numpy()).sum())
+    production_correct = int((np.asarray(model.predict(batch)).argmax(1)
+                              == (shared["label"] == "messy").to_numpy()).sum())
     version = mlflow_client.get_model_version(MODEL, mlflow_client.get_run(run_b).data.tags["registered_version"])
     assert (f"on the {len(shared)} of {len(test)} test images that production version {production.version} never "
             f"trained on") in version.description
     assert f"version {production.version} {production_correct} (" in version.description
+
+    # `dvc plots diff`'s page in a 1280 px window (last: it skips without Chromium). DVC sets each
+    # revision's PNG at full width in one row; .dvc/plots-page.html has them share the window.
+    with browser_page(1280, 900) as page:
+        page.route(re.compile(r"^https?://"), lambda route: route.abort())  # vega's CDN: offline here
+        page.goto((out / "index.html").as_uri())
+        page.wait_for_function("[...document.images].every(image => image.complete && image.naturalWidth > 0)")
+        layout = page.evaluate("""() => ({
+            width: window.innerWidth, page: document.documentElement.scrollWidth,
+            images: [...document.images].map(image => {
+                const box = image.getBoundingClientRect();
+                return {left: box.left, right: box.right, top: box.top, natural: image.naturalWidth};
+            }),
+            cut: [...document.querySelectorAll("div")].filter(div => div.scrollWidth > div.clientWidth + 1)
+                .map(div => div.id)})""")
+        screenshot(page, tmp_path / "plots-diff.png")
+    images = layout["images"]
+    assert len(images) == 2 * len(PLOTS) and layout["page"] <= layout["width"], layout
+    assert all(0 <= image["left"] and image["right"] <= layout["width"] for image in images), layout
+    assert not layout["cut"], layout  # no image cut off inside its plot's box either
+    assert sum(image["natural"] for image in images[:2]) > layout["width"] or any(  # some pair needed scaling
+        a["natural"] + b["natural"] > layout["width"] for a, b in zip(images[::2], images[1::2])), layout
+    assert all(a["top"] == b["top"] for a, b in zip(images[::2], images[1::2])), layout  # still side by side
 
 
 def test_registered_version_carries_a_model_card(tiny_project):
@@ -350,24 +389,65 @@ def test_cv_logs_a_parent_run_with_one_child_per_fold(own_project):
     assert sorted(c.data.metrics["test_accuracy"] for c in children) == sorted(f["accuracy"] for f in report["folds"])
 
 
+def test_photos_under_the_sample_models_name_are_registered_but_never_promoted(own_project, tmp_path):
+    """Promotion never crosses kinds of data: pointed at a folder of photos without a name of its
+    own, the pipeline registers the photo model next to the sample models, but production stays on
+    the sample version; the version's description and evaluate's log say why in one line. The
+    version carries few tags (the registry's table shows every one) and a plain-text first line."""
+    from conftest import labelled_photos
+
+    labelled_photos(tmp_path / "photos", 40, 40)
+    set_params(own_project, {"ingest": {"source": str(tmp_path / "photos" / "images")}})
+    result = run(["dvc", "repro"], own_project)
+    mlflow_client = client(own_project)
+    production = mlflow_client.get_model_version_by_alias(MODEL, "production")
+    assert str(production.version) == "1" and production.tags["data_family"] == "sample"
+    candidate = mlflow_client.get_model_version(MODEL, "2")
+    family = f"folder:{tmp_path / 'photos' / 'images'}"
+    reason = (f"not promoted: production version 1 was trained on sample, this version on {family}: promotion "
+              "never crosses kinds of data (give each its own evaluate.model_name, as experiments/real-photos.yaml "
+              "does)")
+    assert candidate.description.split("\n\n")[0] == reason
+    assert reason in (result.stdout + result.stderr) and "Skipping variable loading" not in result.stderr
+    assert set(candidate.tags) == {"data_family", "test_accuracy", "test_images", "git_commit"}
+    assert candidate.tags["data_family"] == family and "production" not in candidate.aliases
+
+
 def test_multi_view_experiment_registers_a_model_that_predict_loads(own_project, tmp_path):
     """A transfer experiment with the logistic head and multi-view TTA (random weights: no
     download) trains, is registered under its own name, and the predict CLI loads it from the
     registry (custom layers included) and classifies the photos."""
     project = own_project
     name = "clean-vs-messy-multiview"
-    run(["dvc", "exp", "run", "-n", "multiview", "-S", "train.arch=mobilenet", "-S", "train.weights=none",
-         "-S", "train.augment.flip=none", "-S", "train.augment.rotation=0", "-S", "train.head=logistic",
-         "-S", "train.views.regions=[[0.8,2]]", "-S", "train.views.flip=true", "-S", "train.views.normalize=true", "-S", f"evaluate.model_name={name}"],
-        project)
+    result = run(["dvc", "exp", "run", "-n", "multiview", "-S", "train.arch=mobilenet", "-S", "train.weights=none",
+                  "-S", "train.augment.flip=none", "-S", "train.augment.rotation=0", "-S", "train.head=logistic",
+                  "-S", "train.views.regions=[[0.8,2]]", "-S", "train.views.flip=true", "-S",
+                  "train.views.normalize=true", "-S", f"evaluate.model_name={name}"], project)
+    # The head trained apart (on cached features): the saved model's optimizer never stepped, and
+    # Keras would warn on every load that it skips its variables. Loads only predict: not shown.
+    assert "Skipping variable loading" not in result.stdout + result.stderr
+    # Many changed params: the README's 100-column compare would cut them; its --md form holds them all.
+    cut = run(["dvc", "exp", "show", "--no-pager", "--only-changed", "--drop", COMPARE_DROP], project, COLUMNS="100")
+    assert "…" in cut.stdout, cut.stdout
+    table = run(["dvc", "exp", "show", "--no-pager", "--only-changed", "--drop", COMPARE_DROP, "--md"], project).stdout
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in table.splitlines() if line.startswith("|")]
+    header, experiment = rows[0], next(row for row in rows if row[0].endswith("[multiview]"))
+    changed = {"train.arch": "mobilenet", "train.weights": "none", "train.augment.flip": "none",
+               "train.augment.rotation": "0", "train.head": "logistic", "train.views.regions": "[[0.8,2]]",
+               "train.views.flip": "True", "train.views.normalize": "True", "evaluate.model_name": name}
+    shown = {key: re.sub(r"[' ]", "", experiment[header.index(key)]) for key in changed if key in header}
+    assert shown == changed, table  # (DVC rounds numbers in lists to strings: [['0.8', 2]])
+    assert {"accuracy", "ci95_low", "ci95_high"} <= set(header) and "loss" not in header, table
     history = pd.read_csv(project / "pipeline/history.csv")
     assert list(history["phase"]) == ["head"]
     params = client(project).get_run(run_info(project)["run_id"]).data.params
     assert params["train.head"] == "logistic" and params["train.views.regions"] == "[[0.8, 2.0]]"
     photos = sorted((project / "data/images").rglob("*.png"))[:4]
     out = tmp_path / "predictions.csv"
-    run(["cleanmessy", "predict", *map(str, photos), "--model-uri", f"models:/{name}/1", "--out", str(out)],
-        project)
+    predicted = run(["cleanmessy", "predict", *map(str, photos), "--model-uri", f"models:/{name}/1", "--out",
+                     str(out)], project)
+    assert "Skipping variable loading" not in predicted.stdout + predicted.stderr
     frame = pd.read_csv(out, keep_default_na=False)
     assert len(frame) == 4 and (frame["error"] == "").all()
     assert set(frame["label"]) <= {"clean", "messy"}

@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -48,13 +49,33 @@ def clone(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return folder, sh("make run", folder)
 
 
-def test_make_run_leaves_the_clone_unchanged(clone):
-    """The committed outputs are what the pipeline makes: after `make run`, git sees no change
-    (dvc.lock, metrics, plots, history: all identical), so the MLflow run is not 'dirty'."""
+# What training writes that git tracks: on a CPU other than the committer's, TensorFlow's kernels
+# can round differently, so these may differ from the commit (the README says so). Nothing else may.
+TRAINING_OUTPUTS = {"dvc.lock", "pipeline/metrics.json", "pipeline/evaluation.json", "pipeline/history.csv",
+                    "pipeline/predictions.csv", "pipeline/plots/training_curves.png",
+                    "pipeline/plots/confusion_matrix.png", "pipeline/plots/predictions.png",
+                    "pipeline/plots/misclassified.png"}
+METRIC_TOLERANCE = 0.05  # test accuracy and ROC AUC against the committed ones (3 of the 60 test images)
+
+
+def git_status(folder: Path) -> set[str]:
+    """The tracked files that differ from the commit, and the untracked files git does not ignore."""
+    out = subprocess.run(["git", "status", "--porcelain"], cwd=folder, capture_output=True, text=True).stdout
+    return {line[3:] for line in out.splitlines()}
+
+
+def test_make_run_reruns_every_stage_and_touches_only_training_outputs(clone):
+    """What the README promises on any CPU: `make run` on a fresh clone runs every stage; git then
+    shows at most the training outputs as modified (none on the committer's CPU), with test metrics
+    within the stated tolerance of the committed ones; the MLflow run is not 'dirty' either way."""
     folder, result = clone
     assert re.findall(r"Running stage '(\w+)'", result.stdout) == ["ingest", "split", "train", "evaluate", "plot"]
-    status = subprocess.run(["git", "status", "--porcelain"], cwd=folder, capture_output=True, text=True).stdout
-    assert status == "", status
+    assert git_status(folder) <= TRAINING_OUTPUTS, git_status(folder) - TRAINING_OUTPUTS
+    committed = json.loads(subprocess.run(["git", "show", "HEAD:pipeline/metrics.json"], cwd=folder,
+                                          capture_output=True, text=True, check=True).stdout)
+    made = json.loads((folder / "pipeline/metrics.json").read_text())
+    for name in ("accuracy", "roc_auc"):
+        assert abs(made[name] - committed[name]) <= METRIC_TOLERANCE, (name, made[name], committed[name])
     store = f"sqlite:///{folder / 'mlruns/mlflow.db'}"
     (mlflow_run,) = MlflowClient(tracking_uri=store).search_runs(["1"])
     assert mlflow_run.data.tags["git_dirty"] == "false"
@@ -89,9 +110,10 @@ def test_dvc_plots_show_writes_the_figures(clone):
 def test_dvc_repro_works_without_activating_the_venv(clone):
     """`.venv/bin/dvc repro` with the venv not activated: src/stage.sh finds the project's .venv."""
     folder, _ = clone
+    before = git_status(folder)
     result = sh(".venv/bin/dvc repro --force split", folder)
     assert "Running stage 'split'" in result.stdout
-    assert subprocess.run(["git", "status", "--porcelain"], cwd=folder, capture_output=True, text=True).stdout == ""
+    assert git_status(folder) == before  # the same splits again: nothing more to commit
 
 
 def test_make_ui_opens_the_experiment_on_its_runs(clone, tmp_path):
@@ -101,7 +123,11 @@ def test_make_ui_opens_the_experiment_on_its_runs(clone, tmp_path):
     port = free_port()
     log = tmp_path / "ui.log"
     with server(f"make ui UI_PORT={port}", folder, log, f"http://127.0.0.1:{port}/health", user_env(folder)):
-        link = re.search(r"open (http://\S+)", log.read_text()).group(1)
+        deadline = time.monotonic() + 30  # `cleanmessy ui` prints the link once its own /health poll answers
+        while not (found := re.search(r"open (http://\S+)", log.read_text())):
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        link = found.group(1)
         assert link.endswith("/runs?workflowType=machine_learning")
         run_name = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlruns/mlflow.db'}").search_runs(["1"])[0].info.run_name
         with browser_page(1400, 900) as page:
@@ -128,22 +154,60 @@ def test_make_serve_names_the_training_data(clone, tmp_path):
 
 
 @requires_real_photos
-def test_make_real_is_compared_with_the_sample_model_on_real_photos(clone):
-    """`make real SOURCE=...` runs the real-photo configuration as a DVC experiment. Its version is
-    compared with the production (sample-trained) model on the same real test photos, none of
-    which the sample model trained on, and takes production when it gets at least as many right."""
+def test_readme_sequence_leaves_the_photo_model_in_production(clone, tmp_path):
+    """The README in order, as a new user walks it: `make run` (the fixture), `make real` on the real
+    photos, back to the committed params (`git checkout params.yaml`), then `make grid` on the sample.
+    Photo models have their own registered model (experiments/real-photos.yaml), where the photo
+    model stays in production; the grid's sample model is compared with sample models only. Each
+    experiment is named after what it changes, and `cleanmessy predict` says what its model knows."""
     folder, _ = clone
-    sh(f"make real SOURCE={REAL_PHOTOS}", folder, CLEANMESSY_KERAS_WEIGHTS=str(REAL_PHOTOS.parents[1] / "keras-weights"))
-    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlruns/mlflow.db'}",
-                          registry_uri=f"sqlite:///{folder / 'mlruns/mlflow.db'}")
-    run_id = json.loads((folder / "pipeline/mlflow_run.json").read_text())["run_id"]
-    version = client.get_model_version("clean-vs-messy", client.get_run(run_id).data.tags["registered_version"])
-    n_test = len((folder / "data/splits/test.csv").read_text().splitlines()) - 1
-    assert (f"on the {n_test} of {n_test} test images that production version 1 never trained on"
-            in version.description), version.description
-    assert "Trained on photos from the folder" in version.description
-    counts = re.search(r"this version got (\d+) right \([^)]*\), version 1 (\d+) \(", version.description)
-    candidate, production = map(int, counts.groups())
-    accuracy = json.loads((folder / "pipeline/metrics.json").read_text())["accuracy"]
-    assert ("production" in version.aliases) == (candidate >= production and accuracy >= 0.8), version.description
-    assert "staging" in version.aliases or accuracy < 0.8
+    store = f"sqlite:///{folder / 'mlruns/mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    sample_production = client.get_model_version_by_alias("clean-vs-messy", "production")  # make run's
+
+    weights = str(REAL_PHOTOS.parents[1] / "keras-weights")
+    sh(f"make real SOURCE={REAL_PHOTOS}", folder, CLEANMESSY_KERAS_WEIGHTS=weights)
+    real_run = client.get_run(json.loads((folder / "pipeline/mlflow_run.json").read_text())["run_id"])
+    assert real_run.info.run_name == "real-mobilenet_v2-224"
+    photos = client.get_model_version_by_alias("clean-vs-messy-photos", "production")
+    assert photos.run_id == real_run.info.run_id and photos.tags["data_family"] == f"folder:{REAL_PHOTOS}"
+    assert photos.description.startswith("promoted: ") and "first production version" in photos.description
+    assert "Trained on photos from the folder" in photos.description
+
+    sh("git checkout params.yaml", folder)
+    sh('make grid GRID="train.learning_rate=0.002" JOBS=1', folder)
+    (grid_run,) = [r for r in client.search_runs(["1"]) if r.info.run_name == "lr-0.002"]
+    grid_version = client.get_model_version("clean-vs-messy", grid_run.data.tags["registered_version"])
+    assert grid_version.tags["data_family"] == "sample"
+    assert f"production version {sample_production.version}" in grid_version.description.splitlines()[0]
+    # The photo model is still production of its own name, the only version there.
+    assert client.get_model_version_by_alias("clean-vs-messy-photos", "production").version == photos.version
+    assert len(client.search_model_versions("name='clean-vs-messy-photos'")) == 1
+
+    some = sorted(REAL_PHOTOS.rglob("*.png"))[:2]
+    out = tmp_path / "photos.csv"
+    result = sh(f"cleanmessy predict {some[0]} {some[1]} --model-name clean-vs-messy-photos --out {out}", folder,
+                activated=True)
+    assert "warning" not in result.stderr
+    frame = pd.read_csv(out)
+    assert set(frame["trained_on"]) == {f"folder:{REAL_PHOTOS}"}
+    assert set(frame["model"]) == {f"models:/clean-vs-messy-photos/{photos.version}"}
+    # The workspace's params are the committed ones again: `predict` serves the sample model, and says so.
+    result = sh(f"cleanmessy predict {some[0]}", folder, activated=True)
+    assert "predict: warning: models:/clean-vs-messy/" in result.stderr and "Not trained on photos" in result.stderr
+
+    # The app on the photo model: no sample warning, and its examples are test photos of its own data
+    # (the workspace still holds make real's data: the grid ran in DVC's own copy).
+    port = free_port()
+    with server(f"cleanmessy serve --model-name clean-vs-messy-photos --port {port}", folder, tmp_path / "serve.log",
+                f"http://127.0.0.1:{port}/", user_env(folder, activated=True)):
+        with browser_page() as page:
+            page.goto(f"http://127.0.0.1:{port}/")
+            panel = page.locator("#model-info")
+            panel.wait_for(timeout=30_000)
+            assert f"version {photos.version} · stage: production, staging" in panel.inner_text()
+            assert "Trained on photos from the folder" in panel.inner_text()
+            assert not page.locator("#data-warning").is_visible()
+            gallery = page.get_by_text("Examples (test photos of the model's own data)")
+            gallery.wait_for(timeout=30_000)
+            screenshot(page, tmp_path / "app-photos.png")

@@ -68,32 +68,46 @@ def test_a_teammate_pulls_the_pipeline_from_a_dvc_remote_and_reruns_nothing(tmp_
 
 
 def test_make_grid_runs_two_queued_experiments_at_once_into_one_store(tmp_path):
-    """`make grid` (docs/team.md) queues one experiment per change and runs them two at a time
-    (`dvc queue start -j 2`) in DVC's temporary copies; both land in the project's one SQLite store
-    (not in the copies DVC deletes): FINISHED runs named after their experiments, overlapping in
-    time, one registered version each, no "database is locked"; the comparison table is printed."""
+    """`make grid` (docs/team.md) queues one experiment per change, named after it, and runs them two
+    at a time (`dvc queue start -j 2`) in DVC's temporary copies; both land in the project's one
+    SQLite store (not in the copies DVC deletes): FINISHED runs with the experiments' names,
+    overlapping in time, one registered version each, no "database is locked"; the comparison table
+    is printed. The same grid again on the same commit is refused in one line, queueing nothing."""
     project = copy_project(tmp_path / "project")
     run(["dvc", "repro", "split"], project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "split"], project)
     # This environment's tools instead of a uv-made .venv in the copy (UV=/usr/bin/true: no setup).
-    grid = run(["make", "grid", "GRID=train.learning_rate=0.002 train.learning_rate=0.003", "JOBS=2",
-                "UV=/usr/bin/true", "RUN="], project)
+    make_grid = ["make", "grid", "GRID=train.learning_rate=0.002 train.learning_rate=0.003", "JOBS=2",
+                 "UV=/usr/bin/true", "RUN="]
+    grid = run(make_grid, project)
     assert "Task " in grid.stdout, grid.stdout[-3000:]
     status = grid.stdout.split("Task ", 1)[1].split("Worker status", 1)[0]  # `dvc queue status`'s table
     assert status.count("Success") == 2 and "Failed" not in status, grid.stdout[-3000:]
+    comparison = grid.stdout.rsplit("Worker status", 1)[1]  # the last command's table, after the status
 
+    names = {"lr-0.002", "lr-0.003"}  # params.exp_name: each experiment named after its change
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     experiments = {exp["name"]: exp for rev in shown for exp in (rev.get("experiments") or [])}
-    assert len(experiments) == 2
-    for name in experiments:
-        assert name in grid.stdout  # the printed comparison lists it
+    assert set(experiments) == names
+    assert set(run(["dvc", "exp", "ls", "--name-only"], project).stdout.split()) == names
+    for name in names:
+        assert f"[{name}]" in comparison, comparison  # the printed comparison lists it
         assert "database is locked" not in run(["dvc", "queue", "logs", name], project, check=False).stdout
     client = store(project)
     runs = {r.data.tags.get("dvc_exp_name"): r for r in client.search_runs(["1"])}
-    assert set(runs) == set(experiments)
+    assert set(runs) == names
     assert all(r.info.status == "FINISHED" and r.info.run_name == name for name, r in runs.items())
     first, second = sorted(runs.values(), key=lambda r: r.info.start_time)
     assert second.info.start_time < first.info.end_time, "the two experiments did not run at the same time"
     versions = client.search_model_versions(f"name='{MODEL}'")
     assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs.values())
+
+    again = run(make_grid, project, check=False)
+    assert again.returncode != 0
+    refusal = [line for line in again.stderr.splitlines() if line.startswith("cleanmessy exp-name: error:")]
+    assert refusal == ["cleanmessy exp-name: error: experiments lr-0.002, lr-0.003 already ran on this commit "
+                       f"({run(['git', 'rev-parse', 'HEAD'], project).stdout[:7]}) and `dvc exp "
+                       "show` compares them; to run them again, `dvc exp remove lr-0.002 lr-0.003` first"], again.stderr
+    assert "Traceback" not in again.stderr and "dvc exp run" not in again.stdout  # refused before queueing any
+    assert "Queued" not in run(["dvc", "queue", "status"], project).stdout

@@ -1,7 +1,9 @@
 """The team setup: the pipeline against a real `mlflow server` with proxied artifacts on a
 loopback port, as `MLFLOW_TRACKING_URI=http://127.0.0.1:<port> dvc repro`: backed by SQLite (the
-README's command), by a real PostgreSQL (a throwaway cluster made with Debian's initdb/pg_ctl),
-and with the server's basic-auth logins (docs/team.md)."""
+README's command), by a real PostgreSQL (a throwaway cluster made with Debian's initdb/pg_ctl,
+logins by password as Debian's default), and with the server's basic-auth logins (docs/team.md).
+Every server runs as the docs start it: without MLflow's job runner, its files in the git- and
+DVC-ignored `mlflow-server/` of the folder it starts in."""
 
 from __future__ import annotations
 
@@ -15,46 +17,65 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from secrets import token_urlsafe
+from urllib.parse import urlsplit
 
 import pytest
-from conftest import VENV_BIN, copy_project, free_port, run, server, serving, tool_env
 from mlflow import MlflowClient
 
+from cleanmessy import tracking
+
+from conftest import VENV_BIN, copy_project, free_port, job_runner_processes, run, server, serving, tool_env
+
 pytestmark = pytest.mark.slow
+
+JOB_RUNNER_OFF = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # as the docs start every server
 
 
 @pytest.fixture(scope="module")
 def tracking_server(tmp_path_factory):
-    """`mlflow server` as the README starts it; stopped (by its PID) after the module."""
-    cwd = tmp_path_factory.mktemp("team")
-    folder = cwd / "mlflow-server"
-    folder.mkdir()
+    """`mlflow server` as the README starts it, in a clone of the project (where a team starts it);
+    yields its URL, that folder and the server's process group; stopped after the module."""
+    cwd = copy_project(tmp_path_factory.mktemp("team") / "server-clone")
     port = free_port()
-    log = cwd / "server.log"
+    log = cwd.parent / "server.log"
     url = f"http://127.0.0.1:{port}"
     command = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", "sqlite:///mlflow-server/mlflow.db",
                "--artifacts-destination", "mlflow-server/artifacts", "--host", "127.0.0.1", "--port", str(port)]
-    with server(command, cwd, log, f"{url}/health"):  # the README's command, on a free port
-        yield url, folder
+    with server(command, cwd, log, f"{url}/health", env=tool_env(**JOB_RUNNER_OFF)) as process:  # on a free port
+        yield url, cwd, process.pid
+
+
+def test_the_server_runs_without_the_job_runner(tracking_server):
+    """MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false: none of MLflow's job runner processes (huey) beside
+    the server, which otherwise start with it and slow everything on a small machine."""
+    _, _, group = tracking_server
+    assert job_runner_processes(group) == []
 
 
 def test_pipeline_registers_and_serves_through_a_tracking_server(tracking_server, tmp_path):
     """dvc repro trains, logs, registers and promotes on the server (registration needs the
     LoggedModel's id there); nothing lands in the project's own mlruns/; predict loads the
     production version back from the server."""
-    url, server_folder = tracking_server
+    url, server_clone, _ = tracking_server
     project = copy_project(tmp_path / "project")
     result = run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url)
     assert "Traceback" not in result.stderr
     client = MlflowClient(tracking_uri=url, registry_uri=url)
     production = client.get_model_version_by_alias("clean-vs-messy", "production")
     run_id = json.loads((project / "pipeline/mlflow_run.json").read_text())["run_id"]
-    assert production.run_id == run_id and production.description.startswith("**promoted")
+    assert production.run_id == run_id and production.description.startswith("promoted")
     mlflow_run = client.get_run(run_id)
     assert mlflow_run.info.status == "FINISHED" and "test_accuracy" in mlflow_run.data.metrics
     assert {a.path for a in client.list_artifacts(run_id)} >= {"training_curves.png", "model_card.md"}
     assert not (project / "mlruns" / "mlflow.db").exists()
-    assert any(Path(server_folder, "artifacts").rglob("MLmodel"))  # the server holds the artifacts
+    assert any((server_clone / "mlflow-server/artifacts").rglob("MLmodel"))  # the server holds the artifacts
+    # evaluate names the runs table (machine-learning view, not MLflow 3's GenAI page) on the server
+    link = tracking.runs_page(url, mlflow_run.info.experiment_id)
+    assert link.endswith("/runs?workflowType=machine_learning") and link in result.stdout + result.stderr
+    # The server's database and artifacts, in the clone it runs in, are neither git's nor DVC's
+    assert run(["git", "status", "--porcelain", "--untracked-files=all"], server_clone).stdout == ""
+    run(["dvc", "check-ignore", "mlflow-server/mlflow.db"], server_clone)  # exit 1 when not ignored
 
     photo = sorted((project / "data/images").rglob("*.png"))[0]
     out = tmp_path / "predictions.csv"
@@ -65,7 +86,7 @@ def test_pipeline_registers_and_serves_through_a_tracking_server(tracking_server
 def test_a_workspace_that_ran_locally_moves_to_the_server_with_force(tracking_server, tmp_path):
     """After a local run DVC sees nothing to do, whatever MLFLOW_TRACKING_URI says; `dvc repro
     --force` (as the README says) trains, evaluates and registers again, on the server."""
-    url, _ = tracking_server
+    url, _, _ = tracking_server
     project = copy_project(tmp_path / "project", params={"evaluate": {"model_name": "moved-to-server"}})
     run(["dvc", "repro"], project)
     assert "up to date" in run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url).stdout
@@ -81,7 +102,7 @@ def test_a_grid_of_queued_experiments_runs_two_at_a_time_against_the_server(trac
     """`make grid` with MLFLOW_TRACKING_URI set: both experiments, run at once by DVC's queue, are
     FINISHED runs on the server named after their experiments, each with a registered version;
     nothing lands in the project's own store."""
-    url, _ = tracking_server
+    url, _, _ = tracking_server
     project = copy_project(tmp_path / "project", params={"evaluate": {"model_name": "grid-on-server"}})
     run(["dvc", "repro", "split"], project)
     run(["git", "add", "-A"], project)
@@ -112,10 +133,12 @@ def postgres_programs() -> Path:
 
 
 @contextlib.contextmanager
-def postgres_cluster() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster on a free loopback port with an empty `mlflow` database;
-    yields its URI; stopped by its postmaster's PID and removed afterwards. PostgreSQL refuses to
-    run as root, so as root it runs as Debian's `postgres` user."""
+def postgres_cluster() -> Iterator[tuple[int, str]]:
+    """A throwaway PostgreSQL cluster on a free loopback port that logs users in by password
+    (scram-sha-256, Debian's default), with the user `mlflow` owning an empty database `mlflow`, as
+    docs/team.md asks; yields the port and mlflow's password; stopped by its postmaster's PID and
+    removed afterwards. PostgreSQL refuses to run as root, so as root it runs as Debian's `postgres`
+    user."""
     programs = postgres_programs()
     base = Path(tempfile.mkdtemp(prefix="cleanmessy-pg-"))  # not under pytest's 0700 root-only folders
     as_owner: list[str] = []
@@ -123,15 +146,20 @@ def postgres_cluster() -> Iterator[str]:
         shutil.chown(base, "postgres")
         as_owner = ["runuser", "-u", "postgres", "--"]
     port, data = free_port(), base / "data"
+    superuser_password, password = token_urlsafe(16), token_urlsafe(16)  # URI-safe characters
+    (base / "superuser-password").write_text(superuser_password + "\n")
     try:
-        subprocess.run([*as_owner, str(programs / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust",
-                        "-E", "UTF8"], check=True, capture_output=True)
+        subprocess.run([*as_owner, str(programs / "initdb"), "-D", str(data), "-U", "postgres", "--auth=scram-sha-256",
+                        f"--pwfile={base / 'superuser-password'}", "-E", "UTF8"], check=True, capture_output=True)
         subprocess.run([*as_owner, str(programs / "pg_ctl"), "-D", str(data), "-l", str(base / "postgres.log"), "-w",
                         "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"],
                        check=True, capture_output=True)
-        subprocess.run([str(programs / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"],
-                       check=True, capture_output=True)
-        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+        # `createuser --pwprompt mlflow` and `createdb -O mlflow mlflow`, without the prompt
+        subprocess.run([str(programs / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "postgres",
+                        "-v", "ON_ERROR_STOP=1", "-c", f"CREATE ROLE mlflow LOGIN PASSWORD '{password}'",
+                        "-c", "CREATE DATABASE mlflow OWNER mlflow"],
+                       check=True, capture_output=True, env={**os.environ, "PGPASSWORD": superuser_password})
+        yield port, password
     finally:
         pid_file = data / "postmaster.pid"
         if pid_file.is_file():
@@ -147,22 +175,25 @@ def postgres_cluster() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def postgres_server(tmp_path_factory):
-    """`mlflow server` on PostgreSQL with proxied artifacts, as docs/team.md starts it."""
+    """`mlflow server` on PostgreSQL with proxied artifacts, as docs/team.md starts it: the
+    password in the database URI. Yields its URL, that URI and the server's process group."""
     cwd = tmp_path_factory.mktemp("team-pg")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with postgres_cluster() as database:
+    with postgres_cluster() as (db_port, password):
+        database = f"postgresql://mlflow:{password}@127.0.0.1:{db_port}/mlflow"
         command = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", database,
                    "--artifacts-destination", "mlflow-server/artifacts", "--host", "127.0.0.1", "--port", str(port)]
-        with server(command, cwd, cwd / "server.log", f"{url}/health"):
-            yield url, database
+        with server(command, cwd, cwd / "server.log", f"{url}/health", env=tool_env(**JOB_RUNNER_OFF)) as process:
+            yield url, database, process.pid
 
 
 def test_pipeline_cv_serve_and_predict_through_a_postgresql_backed_server(postgres_server, tmp_path):
     """On a server whose database is PostgreSQL: dvc repro trains, registers and promotes; the run
     names its git commit and its dataset (the manifest); `cleanmessy cv` logs its parent and fold
     runs; `serve` and `predict` load the production version from the server."""
-    url, database = postgres_server
+    url, _, group = postgres_server
+    assert job_runner_processes(group) == []
     project = copy_project(tmp_path / "project", params={"cv": {"folds": 2, "repeats": 1}})
     run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url)
     client = MlflowClient(tracking_uri=url, registry_uri=url)
@@ -188,6 +219,19 @@ def test_pipeline_cv_serve_and_predict_through_a_postgresql_backed_server(postgr
     assert info["version"] == production.version and info["stages"] == ["production", "staging"]
 
 
+def test_a_pgpass_file_can_hold_the_database_password_instead_of_the_uri(postgres_server, tmp_path, monkeypatch):
+    """docs/team.md: with the password out of the URI (where `ps` shows it) and in a pgpass file
+    (~/.pgpass, or PGPASSFILE as here), MLflow logs in to the same database."""
+    _, database, _ = postgres_server
+    parts = urlsplit(database)
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"127.0.0.1:{parts.port}:mlflow:mlflow:{parts.password}\n")
+    pgpass.chmod(0o600)  # libpq ignores a pgpass that others can read
+    monkeypatch.setenv("PGPASSFILE", str(pgpass))
+    store = f"postgresql://mlflow@127.0.0.1:{parts.port}/mlflow"
+    assert "clean-vs-messy" in {e.name for e in MlflowClient(tracking_uri=store).search_experiments()}
+
+
 # ---------------------------------------------------------------- basic-auth (docs/team.md)
 
 
@@ -203,7 +247,9 @@ def test_a_server_with_logins_refuses_a_wrong_password_in_seconds_and_accepts_th
                "--host", "127.0.0.1", "--port", str(port)]
     (tmp_path / "mlflow-server").mkdir()
     project = copy_project(tmp_path / "project", params={"evaluate": {"model_name": "behind-logins"}})
-    with server(command, tmp_path, tmp_path / "server.log", f"{url}/health", env=tool_env(**secrets)):
+    with server(command, tmp_path, tmp_path / "server.log", f"{url}/health",
+                env=tool_env(**JOB_RUNNER_OFF, **secrets)) as process:
+        assert job_runner_processes(process.pid) == []
         for login in ({}, {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"}):
             started = time.monotonic()
             refused = run(["cleanmessy", "train"], project, check=False, MLFLOW_TRACKING_URI=url, **login)

@@ -140,7 +140,8 @@ def test_model_panel_says_what_the_model_was_trained_on():
     info = {"training_data": sample, "test_accuracy": 1.0, "test_images": 10}
     assert training_markdown(info) == (
         "Trained on the embedded synthetic sample: cartoon rooms drawn by the project's generator, not photos — "
-        "100 images (clean 50, messy 50). Test accuracy 100.0 % on 10 held-out images of that data.")
+        "100 images (clean 50, messy 50). Test accuracy 100.0 % (95 % interval 72.2 %–100.0 %) on 10 held-out "
+        "images of that data.")
     assert "not meaningful" in data_warning(info)
 
     folder = {**sample, "kind": "folder", "description": "photos from the folder ../shared/datasets/clean-messy"}
@@ -250,7 +251,11 @@ def test_browser_upload_shows_label_and_heat_map(app, photos, tmp_path):
         expect(panel).to_contain_text("clean-vs-messy", timeout=30_000)
         expect(panel).to_contain_text("Trained on the embedded synthetic sample: cartoon rooms")
         expect(panel).to_contain_text("held-out images of that data")
+        expect(panel).to_contain_text("95 % interval")
+        expect(panel).to_contain_text("Serving version")
         expect(page.locator("#data-warning")).to_be_visible()
+        # The examples are test pictures of the model's own data (the sample's here), not fixed cartoons.
+        expect(page.get_by_text("Examples (test photos of the model's own data)")).to_be_visible()
         expect(page.locator("#data-warning")).to_contain_text("answers on real photos are not meaningful")
         page.locator("#photo input[type=file]").set_input_files(str(photos["messy"]))
         page.locator("#classify").click()
@@ -430,10 +435,16 @@ def test_predict_a_folder_writes_every_photo_to_the_csv(tiny_project, photos, tm
         (folder / "kitchen" / f"{name}.png").write_bytes(photos[name].read_bytes())
     (folder / "notes.txt").write_text("not a photo")
     out = tmp_path / "predictions.csv"
-    run(["cleanmessy", "predict", str(folder), "--out", str(out)], project)
+    result = run(["cleanmessy", "predict", str(folder), "--out", str(out)], project)
     frame = pd.read_csv(out, keep_default_na=False)
     assert sorted(Path(p).name for p in frame["path"]) == ["clean.png", "messy.png"]
     assert (frame["error"] == "").all() and set(frame["label"]) <= {"clean", "messy"}
+    # What the model knows: the CSV names the model and its training data, and stderr warns, as the
+    # app does, that a sample-trained model has never seen a photo (in lines that fit 100 columns).
+    assert list(frame.columns) == ["path", "label", "clean", "messy", "error", "model", "trained_on"]
+    assert set(frame["trained_on"]) == {"sample"} and set(frame["model"]) == {"models:/clean-vs-messy/1"}
+    assert "predict: warning: models:/clean-vs-messy/1: Not trained on photos." in result.stderr
+    assert "not meaningful" in result.stderr and max(map(len, result.stderr.splitlines())) <= 100
 
 
 def test_login_limiter_refuses_after_five_failures_then_forgives():
@@ -500,3 +511,47 @@ def test_decompression_bomb_upload_gets_the_apps_own_message(app, tmp_path):
         Client(url, verbose=False).predict(handle_file(str(bomb)), api_name="/predict")
     message = str(error.value)
     assert "too_large" in message and "/tmp" not in message, message
+
+
+def test_the_app_follows_its_alias_in_the_browser(own_project, tmp_path):
+    """`cleanmessy serve --stage production` checks its alias (here every second): when production
+    moves, the page's model panel and `/model_info` follow, with the time it switched. A version
+    that fails to load leaves the old one serving, and the panel says why."""
+    require_chromium()
+    from mlflow import MlflowClient
+    from playwright.sync_api import expect, sync_playwright
+
+    store = f"sqlite:///{own_project / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    first = client.get_model_version_by_alias("clean-vs-messy", "production")
+    artifacts = client.get_model_version_download_uri("clean-vs-messy", first.version)  # the same model again
+    second = client.create_model_version("clean-vs-messy", artifacts, run_id=first.run_id, tags=first.tags,
+                                         description=first.description)
+    broken_folder = tmp_path / "not-a-model"
+    broken_folder.mkdir()
+    (broken_folder / "README").write_text("no MLmodel here")
+    broken = client.create_model_version("clean-vs-messy", broken_folder.as_uri(), tags=first.tags)
+    with serving(own_project, "--stage", "production", "--poll", "1") as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        panel = page.locator("#model-info")
+        expect(panel).to_contain_text(f"version {first.version} · stage: production", timeout=30_000)
+        api = Client(url, verbose=False)
+        assert api.predict(api_name="/model_info")["version"] == str(first.version)
+
+        client.set_registered_model_alias("clean-vs-messy", "production", second.version)
+        expect(panel).to_contain_text(f"version {second.version} · stage: production", timeout=60_000)
+        expect(panel).to_contain_text(f"Serving version {second.version} since ")
+        info = api.predict(api_name="/model_info")
+        assert info["version"] == str(second.version) and info["load_error"] == ""
+        page.screenshot(path=str(tmp_path / "followed.png"), full_page=True)
+
+        client.set_registered_model_alias("clean-vs-messy", "production", broken.version)
+        expect(panel).to_contain_text(f"version {broken.version} (now at models:/clean-vs-messy@production) could "
+                                      "not be loaded", timeout=60_000)
+        expect(panel).to_contain_text(f"still serving version {second.version}")
+        info = api.predict(api_name="/model_info")
+        assert info["version"] == str(second.version) and "could not be loaded" in info["load_error"]
+        page.screenshot(path=str(tmp_path / "load-failed.png"), full_page=True)
+        browser.close()

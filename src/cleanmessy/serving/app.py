@@ -19,10 +19,11 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
-from cleanmessy import sample
+from cleanmessy import card
 from cleanmessy.errors import UserError
 from cleanmessy.images import DEFAULT_MAX_PIXELS, ImageError, open_rgb
 from cleanmessy.serving.explain import overlay
+from cleanmessy.serving.follow import DEFAULT_POLL_SECONDS, ModelFollower
 from cleanmessy.serving.model import DEFAULT_MIN_SIDE, ServedModel
 
 log = logging.getLogger(__name__)
@@ -97,28 +98,36 @@ def training_markdown(info: dict) -> str:
     if accuracy is None:
         text += " Test accuracy: not recorded."
     else:
-        text += f" Test accuracy {_percent(accuracy)}" + (f" on {n_test} {held_out}" if n_test else "") + "."
+        text += f" Test accuracy {_percent(accuracy)}"
+        if n_test:  # the interval is what a small test set's accuracy means
+            low, high = card.wilson_interval(round(accuracy * n_test), n_test)
+            text += f" (95 % interval {_percent(low)}–{_percent(high)}) on {n_test} {held_out}"
+        text += "."
     return text
 
 
 def data_warning(info: dict) -> str:
-    """A warning when the model never saw a photo; empty otherwise."""
-    if (info.get("training_data") or {}).get("kind") != "sample":
-        return ""
-    return ("**Not trained on photos.** This model learned from synthetic cartoon rooms only, so its answers "
-            "on real photos are not meaningful (the test accuracy above is on cartoons too). To classify "
-            "photos, train the pipeline on a folder of photos (see the README).")
+    """card.data_warning, its first sentence in bold; empty for a model trained on photos."""
+    head, _, rest = card.data_warning(info.get("training_data")).partition(". ")
+    return f"**{head}.** {rest}" if head else ""
 
 
 def info_markdown(info: dict) -> str:
     stages = ", ".join(info["stages"]) or "none"
-    return (f"**Model** `{info['name']}` version **{info['version']}** · stage: **{stages}** · "
+    text = (f"**Model** `{info['name']}` version **{info['version']}** · stage: **{stages}** · "
             f"run `{info['run_id']}` · classes: {', '.join(info['class_names'])} · input {info['image_size']} px · "
-            f"photos from {info.get('min_side', DEFAULT_MIN_SIDE)} px on a side\n\n{training_markdown(info)}")
+            f"photos from {info.get('min_side', DEFAULT_MIN_SIDE)} px on a side")
+    if info.get("serving_since"):
+        following = f", following `{info['model_uri']}`" if info.get("follows_alias") else ""
+        text += f"\n\nServing version {info['version']} since {info['serving_since']}{following}."
+    if info.get("load_error"):
+        text += f"\n\n**Not updated:** {info['load_error']}"
+    return f"{text}\n\n{training_markdown(info)}"
 
 
 NOT_AN_IMAGE = "not an image this app can read; try a JPEG or PNG photo"
 NO_PHOTO = "Upload or paste a photo first."
+NO_CARD = "No model card was logged with this version."
 
 
 def rejection(exc: ImageError) -> str:
@@ -127,23 +136,45 @@ def rejection(exc: ImageError) -> str:
     return f"Cannot classify this file ({exc.reason}): {detail}."
 
 
-def example_photos(folder: Path, per_class: int = 2) -> list[str]:
-    """A few pictures of the embedded synthetic sample, rendered on the fly (no photos in the repo)."""
+def example_photos(served: ServedModel, folder: Path, per_class: int = 2, side: int = 256) -> list[str]:
+    """A few test-split photos of the data the served model was trained on, as `side` px copies in
+    `folder`: only when that data is the project's ingested data (its manifest is the one the
+    model's training run recorded), so the examples are never of another kind than the model's.
+    Otherwise none: no gallery is better than pictures the model has nothing to say about."""
+    import pandas as pd
+
+    from cleanmessy.lineage import manifest_hash
+    from cleanmessy.project import project_paths
+
+    try:
+        paths = project_paths()
+        if not served.data_manifest_sha256 or manifest_hash(paths.manifest) != served.data_manifest_sha256:
+            return []
+        test = pd.read_csv(paths.split_csv("test"), usecols=["path", "label"])
+    except (UserError, OSError, ValueError):  # not in a project, or its data is not there
+        return []
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for label in sample.CLASSES:
-        for i in range(per_class):
+    for label in served.class_names:
+        for i, rel in enumerate(test[test["label"] == label]["path"].head(per_class)):
+            try:
+                photo, _ = open_rgb(paths.root / rel)
+            except (ImageError, OSError):
+                continue
+            photo.thumbnail((side, side))
             path = folder / f"{label}_{i}.png"
-            sample.render(label, i, size=256).save(path)
+            photo.save(path)
             out.append(str(path))
     return out
 
 
-def build_app(served: ServedModel, examples: list[str], max_pixels: int = DEFAULT_MAX_PIXELS,
+def build_app(follower: ModelFollower, examples: list[str], max_pixels: int = DEFAULT_MAX_PIXELS,
               delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
-    info = served.info()
+    """The app over `follower.current`: each request takes the model served at that moment, and the
+    model panel follows it (refreshed on page load and on a timer while the app follows an alias)."""
+    class_names = follower.current.class_names  # the page's label has a row per class
 
-    def open_photo(photo_path: str) -> Image.Image:
+    def open_photo(photo_path: str, served: ServedModel) -> Image.Image:
         """The photo in RGB, or ImageError with ingest's reason code (too_small below the model's min_side)."""
         try:
             photo, _ = open_rgb(Path(photo_path), min_side=served.min_side, max_pixels=max_pixels)
@@ -156,7 +187,7 @@ def build_app(served: ServedModel, examples: list[str], max_pixels: int = DEFAUL
         log.warning("refused %s: %s: %s", Path(photo_path).name, exc.reason, exc)
         return rejection(exc)
 
-    def predict(photo):
+    def predict(photo, served: ServedModel):
         probs, cam = served.explain(photo)
         return {c: float(p) for c, p in zip(served.class_names, probs)}, overlay(photo, cam)
 
@@ -166,7 +197,7 @@ def build_app(served: ServedModel, examples: list[str], max_pixels: int = DEFAUL
         if not photo_path:
             return gr.skip(), gr.skip()
         try:
-            open_photo(photo_path)
+            open_photo(photo_path, follower.current)
         except ImageError as exc:
             return None, refuse(photo_path, exc)
         return gr.skip(), gr.skip()
@@ -175,33 +206,40 @@ def build_app(served: ServedModel, examples: list[str], max_pixels: int = DEFAUL
         """The Classify button: mistakes become a message under the button, not an error state."""
         if not photo_path:
             return None, None, NO_PHOTO
+        served = follower.current
         try:
-            photo = open_photo(photo_path)
+            photo = open_photo(photo_path, served)
         except ImageError as exc:
             return None, None, refuse(photo_path, exc)
-        return *predict(photo), ""
+        return *predict(photo, served), ""
 
     def classify(photo_path: str | None):
         """The `/predict` API: a file that cannot be classified is an error with the reason."""
         if not photo_path:
             raise gr.Error(NO_PHOTO, print_exception=False)
+        served = follower.current
         try:
-            photo = open_photo(photo_path)
+            photo = open_photo(photo_path, served)
         except ImageError as exc:
             raise gr.Error(refuse(photo_path, exc), print_exception=False) from None
-        return predict(photo)
+        return predict(photo, served)
 
     def model_info() -> dict:
-        return info
+        return follower.info()
 
+    def panel():
+        """The model panel, the training-data warning and the model card of the model served now."""
+        info = follower.info()
+        warning = data_warning(info)
+        return info_markdown(info), gr.Markdown(warning, visible=bool(warning)), info["model_card"] or NO_CARD
+
+    info = follower.info()
     with gr.Blocks(title="Clean vs Messy", delete_cache=delete_cache) as demo:
         gr.Markdown("# Clean vs Messy\nIs this room tidy or cluttered? Upload or paste a photo.")
-        gr.Markdown(info_markdown(info), elem_id="model-info")
-        if warning := data_warning(info):
-            gr.Markdown(warning, elem_id="data-warning")
-        if served.model_card:
-            with gr.Accordion("Model card", open=False):
-                gr.Markdown(served.model_card)
+        model_panel = gr.Markdown(info_markdown(info), elem_id="model-info")
+        warning_panel = gr.Markdown(data_warning(info), elem_id="data-warning", visible=bool(data_warning(info)))
+        with gr.Accordion("Model card", open=False):
+            card_panel = gr.Markdown(info["model_card"] or NO_CARD)
         with gr.Row():
             with gr.Column():
                 # image_mode=None: Gradio hands over the uploaded file untouched, so the app decodes it
@@ -210,9 +248,10 @@ def build_app(served: ServedModel, examples: list[str], max_pixels: int = DEFAUL
                                    label="Room photo", elem_id="photo", height=PANEL_HEIGHT)
                 submit = gr.Button("Classify", variant="primary", elem_id="classify")
                 status = gr.Markdown("", elem_id="status")
-                gr.Examples(examples, inputs=photo, label="Examples (synthetic sample rooms)")
+                if examples:
+                    gr.Examples(examples, inputs=photo, label="Examples (test photos of the model's own data)")
             with gr.Column():
-                label = gr.Label(num_top_classes=len(served.class_names), label="Prediction", elem_id="label")
+                label = gr.Label(num_top_classes=len(class_names), label="Prediction", elem_id="label")
                 # JPEG: 0.2 ms to encode a 256 px overlay against 7 ms for Gradio's default WebP.
                 heat = HeatMapOutput(type="pil", format="jpeg", label='Grad-CAM: regions that drove the "messy" score',
                                 elem_id="heatmap", interactive=False, height=PANEL_HEIGHT)
@@ -228,6 +267,11 @@ def build_app(served: ServedModel, examples: list[str], max_pixels: int = DEFAUL
         api_trigger = gr.Button(visible=False, elem_id="predict-api")
         api_trigger.click(classify, photo, [label, heat], api_name="predict")
         gr.api(model_info, api_name="model_info")
+        panels = [model_panel, warning_panel, card_panel]
+        demo.load(panel, None, panels, show_progress="hidden", api_visibility="private")
+        if follower.follows and follower.poll_seconds > 0:
+            gr.Timer(follower.poll_seconds).tick(panel, None, panels, show_progress="hidden", queue=False,
+                                                 api_visibility="private")
     return demo
 
 
@@ -267,14 +311,17 @@ def auth_from(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def serve(model_uri: str, host: str, port: int, auth: str | None, max_pixels: int, upload_ttl: int = 900) -> None:
-    """Load the model once, warm it up, then serve until interrupted. Uploads are deleted
-    `upload_ttl` seconds after they arrive, so anonymous users cannot fill the disk."""
+def serve(model_uri: str, host: str, port: int, auth: str | None, max_pixels: int, upload_ttl: int = 900,
+          poll_seconds: float = DEFAULT_POLL_SECONDS) -> None:
+    """Load the model, warm it up, then serve until interrupted; an alias is checked every
+    `poll_seconds` and a moved one loaded (ModelFollower). Uploads are deleted `upload_ttl` seconds
+    after they arrive, so anonymous users cannot fill the disk."""
     credentials = auth_from(auth)
-    served = ServedModel.load(model_uri)
+    follower = ModelFollower(model_uri, poll_seconds)
     examples_dir = Path(tempfile.mkdtemp(prefix="cleanmessy-examples-"))
     atexit.register(shutil.rmtree, examples_dir, ignore_errors=True)
-    demo = build_app(served, example_photos(examples_dir), max_pixels, delete_cache=(upload_ttl, upload_ttl))
+    examples = example_photos(follower.current, examples_dir)
+    demo = build_app(follower, examples, max_pixels, delete_cache=(upload_ttl, upload_ttl))
     demo.queue(default_concurrency_limit=2)
     try:
         demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False,
@@ -284,5 +331,6 @@ def serve(model_uri: str, host: str, port: int, auth: str | None, max_pixels: in
     except OSError:  # Gradio says "Cannot find empty port" for both causes
         raise UserError(f"cannot serve on {host}:{port}: the port is in use, or {host} is not an address of "
                         "this machine; choose another --port (or --host)") from None
+    follower.start()
     log.info("serving on http://%s:%d", host, port)
     demo.block_thread()

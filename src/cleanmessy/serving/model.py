@@ -34,11 +34,12 @@ class ServedModel:
     image_size: int
     keras_model: object
     model_card: str = ""
-    # What evaluate recorded about the training data: {"kind", "description", "n_images", "classes"};
+    # What evaluate recorded about the training data: {"kind", "family", "description", "n_images", "classes"};
     # None for versions registered before it did.
     training_data: dict | None = None
     min_side: int = DEFAULT_MIN_SIDE  # photos smaller than this on a side are refused, as ingest refused them
     test_images: int | None = None  # how many held-out images test_accuracy was measured on
+    data_manifest_sha256: str = ""  # the ingested data's manifest hash its training run recorded
 
     @classmethod
     def load(cls, model_uri: str) -> ServedModel:
@@ -49,10 +50,14 @@ class ServedModel:
         local, meta = tracking.download_version(version.uri)
         keras_model = load_logged_model(local, version.uri)
         card = local / "model_card.md"
+        training_data = _training_data(meta)
+        if training_data and not training_data["family"]:  # registered before the metadata held it
+            training_data["family"] = tracking.version_family(version.tags)
         served = cls(version, list(meta["class_names"]), int(meta["image_size"]), keras_model,
-                     card.read_text() if card.is_file() else "", training_data=_training_data(meta),
+                     card.read_text() if card.is_file() else "", training_data=training_data,
                      min_side=_positive_int(meta.get("min_side")) or DEFAULT_MIN_SIDE,
-                     test_images=_positive_int(version.tags.get("test_images")))
+                     test_images=_positive_int(version.tags.get("test_images")),
+                     data_manifest_sha256=tracking.run_tag(version.run_id, "data_manifest_sha256"))
         served._compile()
         return served
 
@@ -92,7 +97,7 @@ class ServedModel:
         return {"name": v.name, "version": v.version, "stages": v.aliases, "test_accuracy": v.test_accuracy,
                 "test_images": self.test_images, "run_id": v.run_id, "uri": v.uri, "class_names": self.class_names,
                 "image_size": self.image_size, "training_data": self.training_data, "min_side": self.min_side,
-                "promotion": v.tags.get("promotion", ""), "model_card": self.model_card}
+                "promotion": v.description.split("\n\n", 1)[0].strip("*"), "model_card": self.model_card}
 
 
 def _positive_int(value) -> int | None:
@@ -109,7 +114,8 @@ def _training_data(meta: dict) -> dict | None:
     if not isinstance(data, dict) or not data.get("description"):
         return None
     classes = data.get("classes") if isinstance(data.get("classes"), dict) else {}
-    return {"kind": str(data.get("kind", "")), "description": str(data["description"]),
+    return {"kind": str(data.get("kind", "")), "family": str(data.get("family", "")),
+            "description": str(data["description"]),
             "n_images": _positive_int(data.get("n_images")),
             "classes": {str(c): int(n) for c, n in classes.items() if isinstance(n, int) and n >= 0}}
 

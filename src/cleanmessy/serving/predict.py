@@ -1,8 +1,10 @@
 """`cleanmessy predict PATH...`: classify photos with a registered model, in batches.
 
 Unreadable files, and photos smaller than the model's `min_side`, get a row with the reason in
-`error`; they never stop the batch. The printed table fits a 100-column terminal: failed rows show
-their reason code, the full reasons are listed under the table (and kept whole in the --out CSV)."""
+`error`; they never stop the batch. Every row names the model and the data it was trained on; a
+model trained on the synthetic sample is also warned about on stderr. The printed table fits a
+100-column terminal: failed rows show their reason code, the full reasons are listed under the
+table (and kept whole in the --out CSV)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from cleanmessy.card import data_warning
 from cleanmessy.errors import UserError
 from cleanmessy.images import DEFAULT_MAX_PIXELS, ImageError, is_image_name, open_rgb, to_model_input
 
@@ -67,7 +70,11 @@ def predict_files(served: ServedModel, files: list[Path], batch_size: int = 32,
             for row, p in zip(ok_rows, probs):
                 row["label"] = served.class_names[int(p.argmax())]
                 row.update({c: float(v) for c, v in zip(served.class_names, p)})
-    return pd.DataFrame(rows, columns=["path", "label", *served.class_names, "error"])
+    frame = pd.DataFrame(rows, columns=["path", "label", *served.class_names, "error"])
+    # Which model, trained on which data (card.data_family), with every row: a CSV outlives the run.
+    frame["model"] = served.version.uri
+    frame["trained_on"] = (served.training_data or {}).get("family") or "not recorded"
+    return frame
 
 
 def _shorten(text: str, width: int) -> str:
@@ -122,6 +129,8 @@ def run(paths: list[Path], model_uri: Callable[[], str], out: Path | None, batch
     from cleanmessy.serving.model import ServedModel  # TensorFlow: only once the options are known good
 
     served = ServedModel.load(model_uri())
+    if warning := data_warning(served.training_data):  # as the app warns over its panel
+        print(textwrap.fill(f"predict: warning: {served.version.uri}: {warning}", WIDTH), file=sys.stderr)
     frame = predict_files(served, files, batch_size)
     try:
         print(render(frame, served.class_names), flush=True)

@@ -20,7 +20,7 @@ from cleanmessy.card import describe_data, render_card, wilson_interval
 from cleanmessy.errors import UserError
 from cleanmessy.inference import Predictor, load_logged_model, load_model_file
 from cleanmessy.inputs import ModelSpec, label_indices, read_split
-from cleanmessy.lineage import LINEAGE_TAGS, manifest_hash
+from cleanmessy.lineage import manifest_hash
 from cleanmessy.params import Params, used_train_params
 from cleanmessy.project import Paths
 
@@ -94,17 +94,21 @@ def headline(test: dict[str, Any]) -> dict[str, Any]:
     return {name: None if test[key] is None else round(test[key], 6) for name, key in HEADLINE.items()}
 
 
-def compare_with_production(name: str, test_frame: pd.DataFrame, correct: np.ndarray, root: Path,
+def compare_with_production(name: str, family: str, test_frame: pd.DataFrame, correct: np.ndarray, root: Path,
                             class_names: list[str], batch_size: int) -> tracking.Comparison | None:
     """Score the production version (if any) on this version's test images that it never trained
-    or validated on (by content hash), beside this version's score on the same images."""
+    or validated on (by content hash), beside this version's score on the same images. A
+    production version trained on another data family (card.data_family) is not scored at all."""
     from mlflow import MlflowClient
 
     production = tracking.alias_version(MlflowClient(), name, tracking.PRODUCTION)
     if production is None:
         return None
     comparison = dict(production_version=str(production.version), n_test=len(test_frame), n_unseen=0,
-                      candidate_correct=0, production_correct=0)
+                      candidate_correct=0, production_correct=0, candidate_family=family,
+                      production_family=tracking.version_family(dict(production.tags or {})))
+    if comparison["candidate_family"] != comparison["production_family"]:
+        return tracking.Comparison(**comparison)
     uri = f"models:/{name}/{production.version}"
     try:  # downloaded once: its metadata here, its model below
         local, meta = tracking.download_version(uri)
@@ -158,14 +162,14 @@ def log_and_register(model, spec: ModelSpec, test_frame: pd.DataFrame, paths: Pa
                                         {"class_names": spec.class_names, "image_size": spec.image_size,
                                          "min_side": params.ingest.min_side, "training_data": training_data},
                                         extra_files={"model_card.md": card})
-    run_tags = mlflow.get_run(run_id).data.tags  # only the lineage: not an earlier evaluate's results
-    tags = {"class_names": ",".join(spec.class_names), "min_accuracy": str(min_acc), "test_images": str(test["n"]),
-            "data_kind": training_data["kind"], **{k: v for k, v in run_tags.items() if k in LINEAGE_TAGS}}
+    # The few tags the registry's versions table shows; the run has the whole lineage.
+    tags = {"data_family": training_data["family"], "test_images": str(test["n"]),
+            "git_commit": mlflow.get_run(run_id).data.tags.get("git_commit", "none")}
     # Compared with production and promoted in one go: an experiment running beside this one must
     # not move `production` in between (`dvc queue start -j 2`).
     with tracking.store_lock(paths):
-        comparison = compare_with_production(name, test_frame, correct, paths.root, spec.class_names,
-                                             params.train.batch_size)
+        comparison = compare_with_production(name, training_data["family"], test_frame, correct, paths.root,
+                                             spec.class_names, params.train.batch_size)
         promotion = tracking.register_and_promote(info, name, run_id, test["accuracy"], min_acc, comparison, tags,
                                                   card)
     mlflow.set_tags({"registered_version": promotion.version, "promotion": promotion.reason})
@@ -176,7 +180,7 @@ def main(paths: Paths, params: Params) -> None:
     spec = ModelSpec.load(paths.run_info)
     test_frame = read_split(paths.split_csv("test"))
     data = card_data(paths, json.loads(paths.ingest_report.read_text()))
-    training_data = {k: data[k] for k in ("kind", "description", "n_images", "classes")}
+    training_data = {k: data[k] for k in ("kind", "family", "description", "n_images", "classes")}
     model = load_model_file(paths.model)
     # All in the training run: if anything fails, MLflow marks the run FAILED and nothing is registered.
     with tracking.resume_training_run(paths) as run_id:
@@ -199,6 +203,8 @@ def main(paths: Paths, params: Params) -> None:
                                        (tracking.PRODUCTION, promotion.production)) if on]
     log.info("evaluate: registered %s version %s (%s); %s", params.evaluate.model_name, promotion.version,
              ", ".join(aliases) or "no alias", promotion.reason)
+    if link := tracking.server_runs_link(run_id):  # a team server: where to look at the run
+        log.info("evaluate: the runs on the tracking server: %s", link)
 
 
 def to_model_input_batch(frame: pd.DataFrame, root: Path, image_size: int) -> np.ndarray:
