@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 PHOTO_LIMITS = """\
@@ -34,9 +35,12 @@ SOURCE_KINDS = {
 
 def data_family(kind: str, source: str) -> str:
     """Which kind of data from which source a model was trained on: `sample` for the embedded
-    synthetic sample, else `<kind>:<source>` (`folder:../photos`, `zip:rooms.zip`, `url:https://...`).
-    Versions are compared, and promoted, only within one family (tracking.decide_production)."""
-    return "sample" if kind == "sample" else f"{kind}:{source.rstrip('/') or source}"
+    synthetic sample, else `<kind>:<source>` (`folder:../photos`, `zip:rooms.zip`, `url:https://...`),
+    a path as written but normalised (`./photos/` is `photos`). Versions are compared, and
+    promoted, only within one family (tracking.decide_production)."""
+    if kind == "sample":
+        return "sample"
+    return f"{kind}:{source if kind == 'url' else os.path.normpath(source)}"
 
 
 def describe_data(ingest_report: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -116,8 +117,8 @@ def _serve(args: argparse.Namespace) -> None:
 
     if args.auth:
         log.warning("--auth shows the password to anyone who can run `ps` here; prefer CLEANMESSY_AUTH=user:password")
-    if args.poll < 0:
-        raise UserError(f"--poll must be 0 (never) or a number of seconds, not {args.poll:g}")
+    if not (args.poll == 0 or 0.5 <= args.poll <= 86_400):  # NaN fails every comparison
+        raise UserError(f"--poll must be 0 (never) or 0.5 to 86400 seconds, not {args.poll:g}")
     serve(_connect_and_choose_model(args), "0.0.0.0" if args.public else args.host, args.port, args.auth,
           args.max_pixels, args.upload_ttl, args.poll)
 
@@ -170,6 +171,8 @@ def _ui(args: argparse.Namespace) -> int:
 
     experiment_id = tracking.open_experiment(paths)  # so the link works before the first run
     store = tracking.tracking_uri(paths)
+    # Closing the terminal (SIGHUP) stops the UI too: its own process group would not get the hang-up.
+    signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
     base = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
     print(f"MLflow UI for {store}: starting on {base} (Ctrl-C stops it)", flush=True)
     child = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host",
@@ -182,12 +185,12 @@ def _ui(args: argparse.Namespace) -> int:
         _wait_until_up(child, f"{base}/health")
         print(f"open {tracking.runs_page(base, experiment_id)}", flush=True)
         return child.wait()
-    finally:  # Ctrl-C or SIGTERM (as KeyboardInterrupt), an error, or the UI stopped by itself
+    finally:  # Ctrl-C, SIGTERM or SIGHUP (as KeyboardInterrupt), an error, or the UI stopped by itself
         if child.poll() is None:
             child.terminate()  # mlflow passes it on to its web server
             try:
                 child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):  # too slow, or a second signal: at once
                 child.kill()
                 child.wait()
 

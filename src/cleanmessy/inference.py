@@ -8,7 +8,6 @@ import contextlib
 import io
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -26,22 +25,18 @@ from cleanmessy.models import PASSES_PER_STEP, photos_per_step
 LOAD_ERRORS = (OSError, TypeError, ValueError)
 
 
-@contextlib.contextmanager
-def _no_optimizer_state_warning() -> Iterator[None]:
-    """Keras warns `Skipping variable loading for optimizer 'adam', because it has 6 variables whereas
-    the saved optimizer has 2` when a saved model's optimizer never trained it (a transfer model
-    whose head trained apart, on cached features). Loaded models only predict here; the optimizer's
-    state is never used, so that warning (and only it) is dropped."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer", category=UserWarning)
-        yield
+# Keras warns `Skipping variable loading for optimizer 'adam', because it has 6 variables whereas the
+# saved optimizer has 2` when a saved model's optimizer never trained it (a transfer model whose head
+# trained apart, on cached features). Loaded models only predict here, so that warning (and only it)
+# is dropped, for the whole process: models also load in the app's follower thread, and
+# warnings.catch_warnings is not thread-safe.
+warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer", category=UserWarning)
 
 
 def load_model_file(path: Path) -> keras.Model:
     """The pipeline's model file (pipeline/model.keras)."""
     try:
-        with _no_optimizer_state_warning():
-            return keras.saving.load_model(path, custom_objects=CUSTOM_OBJECTS)
+        return keras.saving.load_model(path, custom_objects=CUSTOM_OBJECTS)
     except LOAD_ERRORS as exc:
         raise UserError(f"cannot load {path}: {exc}; run `cleanmessy train` (or `dvc repro`)") from None
 
@@ -52,8 +47,7 @@ def load_logged_model(local: Path, name: str) -> keras.Model:
     from mlflow.exceptions import MlflowException
 
     try:
-        # MLflow's Keras loader prints progress bars
-        with contextlib.redirect_stdout(io.StringIO()), _no_optimizer_state_warning():
+        with contextlib.redirect_stdout(io.StringIO()):  # MLflow's Keras loader prints progress bars
             return mlflow.keras.load_model(str(local), custom_objects=CUSTOM_OBJECTS)
     except (*LOAD_ERRORS, MlflowException) as exc:
         raise UserError(f"cannot load {name}: {exc}") from None

@@ -341,6 +341,7 @@ def load_changes(path: Path, params_file: Path) -> tuple[dict, Params]:
 SHORT_KEYS = {"train.learning_rate": "lr"}
 SOURCE_KEYS = ("ingest.source", "ingest.sha256")  # changing the data: the name's first word
 SPELLED_CHANGES = 2  # an experiment with more changes (a configuration file) is named after its model
+SOURCE_NAME_CHARS = 32  # of a photo source's last name, in the experiment's name
 
 
 def _short_key(key: str) -> str:
@@ -367,15 +368,19 @@ def exp_name(changes: dict, params: Params) -> str:
       `train.learning_rate=0.002`, `test_fraction-0.3`, `augment.flip-none`.
     - More (a configuration such as experiments/real-photos.yaml) name the model they train:
       `<arch>-<image_size>`, as `mobilenet_v2-224`; so does no change at all.
-    - A changed `ingest.source` comes first: `real` (photos), or `sample` for the embedded sample;
-      `make real` gives `real-mobilenet_v2-224`.
+    - A changed `ingest.source` comes first: `real` and the source's last name (photos), or
+      `sample` for the embedded sample; `make real SOURCE=../clean-messy` gives
+      `real-clean-messy-mobilenet_v2-224`.
 
     Only [A-Za-z0-9._-], no `..`, no leading or trailing `-` or `.`: a valid git ref name."""
     leaves = change_leaves(changes)
     words = []
     if any(key in leaves for key in SOURCE_KEYS):
-        source = leaves.get("ingest.source", params.ingest.source)
-        words.append("sample" if source == IngestParams().source else "real")
+        source = str(leaves.get("ingest.source", params.ingest.source))
+        if source == IngestParams().source:
+            words.append("sample")
+        else:  # `real` and the source's last name (so two sources are two experiments): real-clean-messy
+            words += ["real", _name_part(Path(source.rstrip("/")).stem)[:SOURCE_NAME_CHARS]]
     spelled = {key: value for key, value in leaves.items() if key not in SOURCE_KEYS}
     if 0 < len(spelled) <= SPELLED_CHANGES:
         words += [f"{_short_key(key)}-{_name_part(_value_text(value)) or 'empty'}" for key, value in spelled.items()]

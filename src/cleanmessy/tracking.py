@@ -254,10 +254,12 @@ class Comparison:
 
     def describe(self) -> str:
         if not self.same_family:
-            theirs = self.production_family or "data it does not record"
-            return (f"production version {self.production_version} was trained on {theirs}, this version on "
-                    f"{self.candidate_family or 'unrecorded data'}: promotion never crosses kinds of data "
-                    "(give each its own evaluate.model_name, as experiments/real-photos.yaml does)")
+            if not self.production_family:
+                return (f"production version {self.production_version} does not record which data it was trained "
+                        "on, so the two are not compared (to serve this version, move the alias by hand)")
+            return (f"production version {self.production_version} was trained on {self.production_family}, this "
+                    f"version on {self.candidate_family or 'unrecorded data'}: promotion never crosses kinds of "
+                    "data (give each its own evaluate.model_name, as experiments/real-photos.yaml does)")
         if self.incomparable:
             return self.incomparable
         if not self.n_unseen:

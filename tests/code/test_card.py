@@ -67,11 +67,12 @@ def test_describe_data_counts_and_kinds():
 
 
 def test_data_family_is_the_kind_and_source():
-    """One family for the embedded sample; for photos, the kind and the source as written (a
-    trailing slash does not make another family)."""
+    """One family for the embedded sample; for photos, the kind and the source as written,
+    normalised (`./photos/` is `photos`)."""
     assert data_family("sample", "data/sample") == "sample"
     assert data_family("folder", "../shared/datasets/clean-messy/") == "folder:../shared/datasets/clean-messy"
     assert data_family("folder", "../other") != data_family("folder", "../shared/datasets/clean-messy")
+    assert data_family("folder", "./photos/") == data_family("folder", "photos") == "folder:photos"
     assert data_family("url", "https://h/x.zip") == "url:https://h/x.zip"
 
 

@@ -89,8 +89,29 @@ def test_a_removed_alias_keeps_the_model_and_says_so(registry):
     assert f.error == ""
 
 
-def test_an_exact_version_is_never_checked(registry):
-    f = follower(registry, "models:/m/1")
+def test_any_load_failure_keeps_the_old_version_and_is_not_retried_every_poll(registry):
+    """Not only the registry's UserError: a model that breaks while it is built (a bad metadata
+    value, TensorFlow refusing it) leaves the old one serving, with the reason's first line."""
+    f = follower(registry)
+    registry.at = "2"
+
+    def broken(uri: str) -> FakeServed:
+        registry.loads.append(uri)
+        raise ValueError("invalid literal for int() with base 10: 'big'\nmore detail")
+
+    f._load = broken
+    assert f.check() is False and f.current.version.version == "1"
+    assert f.error == ("version 2 (now at models:/m@production) could not be loaded: invalid literal for int() with "
+                       "base 10: 'big'; still serving version 1")
+    loads = len(registry.loads)
+    f.check()
+    assert len(registry.loads) == loads
+
+
+@pytest.mark.parametrize(("uri", "poll"), [("models:/m/1", 5), ("models:/m@production", 0)])
+def test_an_exact_version_or_poll_0_is_never_checked_and_says_so(registry, uri, poll):
+    clock = iter(range(1000, 2000, 10))
+    f = ModelFollower(uri, poll, load=registry.load, resolve=registry.resolve, clock=lambda: next(clock))
     registry.at = "2"
     assert f.follows is False and f.check() is False and f.current.version.version == "1"
     assert f.info()["follows_alias"] is False

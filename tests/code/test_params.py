@@ -202,9 +202,10 @@ def named(*sets: str, base: dict | None = None) -> str:
 
 def test_make_real_names_its_experiment_after_the_model_on_photos():
     """`make real` = experiments/real-photos.yaml plus `-S ingest.source=SOURCE`: many changes, so
-    named after the model they train (arch, image size), `real` first as the source changes."""
+    named after the model they train (arch, image size), `real` and the source's name first
+    as the source changes (another source, another experiment)."""
     changes, _ = load_changes(REPO_PARAMS.parent / "experiments" / "real-photos.yaml", REPO_PARAMS)
-    assert named("ingest.source=../shared/datasets/clean-messy", base=changes) == "real-mobilenet_v2-224"
+    assert named("ingest.source=../shared/datasets/clean-messy", base=changes) == "real-clean-messy-mobilenet_v2-224"
     assert named("ingest.source=data/sample", base=changes) == "sample-mobilenet_v2-224"
     assert named(base=changes) == "mobilenet_v2-224"
 
@@ -217,7 +218,7 @@ def test_a_grid_entry_is_named_after_its_change():
     assert named("params.yaml:split.test_fraction=0.3") == "test_fraction-0.3"
     assert named("train.augment.flip=none", "train.batch_size=16") == "augment.flip-none-batch_size-16"
     assert named("train.filters=[16,32]") == "filters-16-32"
-    assert named("ingest.source=photos", "base.image_size=128") == "real-image_size-128"
+    assert named("ingest.source=photos", "base.image_size=128") == "real-photos-image_size-128"
     assert named() == "seed_cnn-64"  # no change: the baseline's model
 
 

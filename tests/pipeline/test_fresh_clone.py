@@ -168,7 +168,7 @@ def test_readme_sequence_leaves_the_photo_model_in_production(clone, tmp_path):
     weights = str(REAL_PHOTOS.parents[1] / "keras-weights")
     sh(f"make real SOURCE={REAL_PHOTOS}", folder, CLEANMESSY_KERAS_WEIGHTS=weights)
     real_run = client.get_run(json.loads((folder / "pipeline/mlflow_run.json").read_text())["run_id"])
-    assert real_run.info.run_name == "real-mobilenet_v2-224"
+    assert real_run.info.run_name == "real-clean-messy-mobilenet_v2-224"
     photos = client.get_model_version_by_alias("clean-vs-messy-photos", "production")
     assert photos.run_id == real_run.info.run_id and photos.tags["data_family"] == f"folder:{REAL_PHOTOS}"
     assert photos.description.startswith("promoted: ") and "first production version" in photos.description

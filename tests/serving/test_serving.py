@@ -157,6 +157,16 @@ def test_model_panel_says_what_the_model_was_trained_on():
     assert "Training data: not recorded" in info_markdown(info) and "Test accuracy 100.0 %." in info_markdown(info)
     assert data_warning(info) == ""
 
+    # Whether the app follows its alias, in words: following it, or not checking it (--poll 0).
+    served = {**info, "uri": "models:/clean-vs-messy/1", "serving_since": "2026-12-07 06:00:00 UTC"}
+    following = {**served, "model_uri": "models:/clean-vs-messy@production", "follows_alias": True}
+    assert "Serving version 1 since 2026-12-07 06:00:00 UTC, following `models:/clean-vs-messy@production`." in \
+        info_markdown(following)
+    assert "`models:/clean-vs-messy@production` is not checked again (--poll 0)" in \
+        info_markdown({**following, "follows_alias": False})
+    exact = info_markdown({**served, "model_uri": "models:/clean-vs-messy/1", "follows_alias": False})
+    assert "since 2026-12-07 06:00:00 UTC." in exact and "checked" not in exact
+
 
 def _bad_files(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
     (folder / "notes.png").write_text("this is not an image")

@@ -118,7 +118,12 @@ def info_markdown(info: dict) -> str:
             f"run `{info['run_id']}` · classes: {', '.join(info['class_names'])} · input {info['image_size']} px · "
             f"photos from {info.get('min_side', DEFAULT_MIN_SIDE)} px on a side")
     if info.get("serving_since"):
-        following = f", following `{info['model_uri']}`" if info.get("follows_alias") else ""
+        if info.get("follows_alias"):
+            following = f", following `{info['model_uri']}`"
+        elif info.get("model_uri", info["uri"]) != info["uri"]:
+            following = f"; `{info['model_uri']}` is not checked again (--poll 0)"
+        else:
+            following = ""
         text += f"\n\nServing version {info['version']} since {info['serving_since']}{following}."
     if info.get("load_error"):
         text += f"\n\n**Not updated:** {info['load_error']}"
@@ -173,6 +178,7 @@ def build_app(follower: ModelFollower, examples: list[str], max_pixels: int = DE
     """The app over `follower.current`: each request takes the model served at that moment, and the
     model panel follows it (refreshed on page load and on a timer while the app follows an alias)."""
     class_names = follower.current.class_names  # the page's label has a row per class
+    examples_of = follower.current.data_manifest_sha256  # the data the examples come from
 
     def open_photo(photo_path: str, served: ServedModel) -> Image.Image:
         """The photo in RGB, or ImageError with ingest's reason code (too_small below the model's min_side)."""
@@ -228,10 +234,12 @@ def build_app(follower: ModelFollower, examples: list[str], max_pixels: int = DE
         return follower.info()
 
     def panel():
-        """The model panel, the training-data warning and the model card of the model served now."""
+        """The model panel, the training-data warning and the model card of the model served now,
+        and the examples only while they are of that model's data."""
         info = follower.info()
         warning = data_warning(info)
-        return info_markdown(info), gr.Markdown(warning, visible=bool(warning)), info["model_card"] or NO_CARD
+        shown = [info_markdown(info), gr.Markdown(warning, visible=bool(warning)), info["model_card"] or NO_CARD]
+        return [*shown, gr.Dataset(visible=follower.current.data_manifest_sha256 == examples_of)][:len(panels)]
 
     info = follower.info()
     with gr.Blocks(title="Clean vs Messy", delete_cache=delete_cache) as demo:
@@ -248,8 +256,8 @@ def build_app(follower: ModelFollower, examples: list[str], max_pixels: int = DE
                                    label="Room photo", elem_id="photo", height=PANEL_HEIGHT)
                 submit = gr.Button("Classify", variant="primary", elem_id="classify")
                 status = gr.Markdown("", elem_id="status")
-                if examples:
-                    gr.Examples(examples, inputs=photo, label="Examples (test photos of the model's own data)")
+                examples_label = "Examples (test photos of the model's own data)"
+                gallery = gr.Examples(examples, inputs=photo, label=examples_label) if examples else None
             with gr.Column():
                 label = gr.Label(num_top_classes=len(class_names), label="Prediction", elem_id="label")
                 # JPEG: 0.2 ms to encode a 256 px overlay against 7 ms for Gradio's default WebP.
@@ -267,9 +275,9 @@ def build_app(follower: ModelFollower, examples: list[str], max_pixels: int = DE
         api_trigger = gr.Button(visible=False, elem_id="predict-api")
         api_trigger.click(classify, photo, [label, heat], api_name="predict")
         gr.api(model_info, api_name="model_info")
-        panels = [model_panel, warning_panel, card_panel]
+        panels = [model_panel, warning_panel, card_panel, *([gallery.dataset] if gallery else [])]
         demo.load(panel, None, panels, show_progress="hidden", api_visibility="private")
-        if follower.follows and follower.poll_seconds > 0:
+        if follower.follows:
             gr.Timer(follower.poll_seconds).tick(panel, None, panels, show_progress="hidden", queue=False,
                                                  api_visibility="private")
     return demo

@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cleanmessy import tracking
@@ -19,10 +20,22 @@ log = logging.getLogger(__name__)
 DEFAULT_POLL_SECONDS = 5.0
 
 
+@dataclass(frozen=True)
+class _State:
+    """What is served, since when, and why a newer version is not: replaced whole, in one
+    attribute store, so a request never sees one model with another's time or error."""
+
+    served: ServedModel
+    since: float
+    error: str = ""
+    failed_version: str = ""  # a version that failed to load: not tried again until the alias moves
+
+
 class ModelFollower:
     """The model to serve now (`current`), since when (`since`, UTC) and why a newer one is not
-    served (`error`, one line; empty when all is well). A URI naming an exact version is never
-    checked again; one naming an alias (or a legacy stage) is, by `check` or the thread `start`s."""
+    served (`error`, one line; empty when all is well). It follows an alias (or a legacy stage)
+    when `poll_seconds` > 0, by `check` or the thread `start`s; a URI naming an exact version, or
+    `poll_seconds` 0, is never checked again, and `info()` says so."""
 
     def __init__(self, model_uri: str, poll_seconds: float = DEFAULT_POLL_SECONDS,
                  load: Callable[[str], ServedModel] = ServedModel.load,
@@ -30,50 +43,58 @@ class ModelFollower:
                  clock: Callable[[], float] = time.time) -> None:
         self.model_uri, self.poll_seconds = model_uri, poll_seconds
         self._load, self._resolve, self._clock = load, resolve, clock
-        self.follows = not tracking.names_exact_version(model_uri)
-        self._current = load(model_uri)
-        self.since = clock()
-        self.error = ""
-        self._failed_version = ""  # the version that failed to load: not tried again until the alias moves
+        self.follows = poll_seconds > 0 and not tracking.names_exact_version(model_uri)
+        self._state = _State(load(model_uri), clock())
         self._stop = threading.Event()
 
     @property
     def current(self) -> ServedModel:
-        return self._current  # one attribute read: a request gets the old model or the new, never half
+        return self._state.served
+
+    @property
+    def since(self) -> float:
+        return self._state.since
+
+    @property
+    def error(self) -> str:
+        return self._state.error
+
+    def _keep(self, state: _State, error: str, failed_version: str = "") -> None:
+        self._state = _State(state.served, state.since, error, failed_version)
 
     def check(self) -> bool:
         """Resolve the alias once; load and swap in the version it names now, if that is another
         one. True when the served model changed."""
         if not self.follows:
             return False
+        state = self._state
         try:
             version = self._resolve(self.model_uri)
         except UserError as exc:  # the alias was removed, or the store is unreachable: keep serving
-            self.error = f"cannot check {self.model_uri}: {exc}"
+            self._keep(state, f"cannot check {self.model_uri}: {exc}", state.failed_version)
             return False
-        served = self._current
-        if version.version == served.version.version:
-            served.version, self.error, self._failed_version = version, "", ""  # its aliases may have changed
+        if version.version == state.served.version.version:
+            state.served.version = version  # the same version; its aliases may have changed
+            self._keep(state, "")
             return False
-        if version.version == self._failed_version:
+        if version.version == state.failed_version:
             return False
         try:
             new = self._load(version.uri)
-        except UserError as exc:
-            self._failed_version = version.version
-            self.error = (f"version {version.version} (now at {self.model_uri}) could not be loaded: {exc}; "
-                          f"still serving version {served.version.version}")
+        except Exception as exc:  # noqa: BLE001 - whatever breaks a new version, the old one keeps serving
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self._keep(state, f"version {version.version} (now at {self.model_uri}) could not be loaded: {reason}; "
+                              f"still serving version {state.served.version.version}", version.version)
             log.warning("%s", self.error)
             return False
-        self._current, self.since, self.error, self._failed_version = new, self._clock(), "", ""
+        self._state = _State(new, self._clock())
         log.info("%s moved: now serving version %s (was %s)", self.model_uri, version.version,
-                 served.version.version)
+                 state.served.version.version)
         return True
 
     def start(self) -> None:
-        """Check every `poll_seconds` in a daemon thread (nothing when the URI is an exact version
-        or `poll_seconds` is 0)."""
-        if self.follows and self.poll_seconds > 0:
+        """Check every `poll_seconds` in a daemon thread (when it follows at all)."""
+        if self.follows:
             threading.Thread(target=self._loop, name="model-follower", daemon=True).start()
 
     def stop(self) -> None:
@@ -84,11 +105,12 @@ class ModelFollower:
             try:
                 self.check()
             except Exception as exc:  # noqa: BLE001 - a bug here must not stop the server's model
-                self.error = f"checking {self.model_uri} failed: {exc}"
+                self._keep(self._state, f"checking {self.model_uri} failed: {exc}", self._state.failed_version)
                 log.warning("%s", self.error)
 
     def info(self) -> dict:
         """The served model's `info()`, with since when it is served and why a newer one is not."""
-        since = datetime.fromtimestamp(self.since, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        return {**self.current.info(), "model_uri": self.model_uri, "follows_alias": self.follows,
-                "serving_since": since, "load_error": self.error}
+        state = self._state
+        since = datetime.fromtimestamp(state.since, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return {**state.served.info(), "model_uri": self.model_uri, "follows_alias": self.follows,
+                "serving_since": since, "load_error": state.error}

@@ -107,7 +107,7 @@ def compare_with_production(name: str, family: str, test_frame: pd.DataFrame, co
     comparison = dict(production_version=str(production.version), n_test=len(test_frame), n_unseen=0,
                       candidate_correct=0, production_correct=0, candidate_family=family,
                       production_family=tracking.version_family(dict(production.tags or {})))
-    if comparison["candidate_family"] != comparison["production_family"]:
+    if not tracking.Comparison(**comparison).same_family:  # never scored: decide_production refuses it
         return tracking.Comparison(**comparison)
     uri = f"models:/{name}/{production.version}"
     try:  # downloaded once: its metadata here, its model below
