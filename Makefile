@@ -9,7 +9,7 @@ RUN := $(UV) run --frozen
 # No telemetry or start-up chatter settings here: `cleanmessy` sets them for itself and the tools
 # it starts (console.QUIET_ENVIRONMENT), and DVC's analytics are off in .dvc/config.
 
-.PHONY: setup browser postgres run test ui serve real grid clean-outputs
+.PHONY: setup browser postgres run test ui serve api docker real grid clean-outputs
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -48,6 +48,14 @@ SERVE_PORT ?= 7860
 serve: setup
 	$(RUN) cleanmessy serve --stage production --port $(SERVE_PORT)
 
+# A Docker image of the model at `production`: `mlflow models generate-dockerfile` writes the build
+# context into DOCKER_DIR, then `docker build` where a Docker daemon answers (else one line says why
+# not, and how to build it elsewhere). `docker run -p 8080:8080 clean-vs-messy` serves it on port 8080.
+DOCKER_DIR ?= build/docker
+DOCKER_TAG ?= clean-vs-messy
+docker: setup
+	$(RUN) cleanmessy docker --stage production --dir $(DOCKER_DIR) --tag $(DOCKER_TAG)
+
 # The best configuration for real photos (experiments/real-photos.yaml), as a DVC experiment:
 # make real SOURCE=path/to/photos (a folder of <class>/<image>, e.g. the Kaggle
 # messy-vs-clean-room download's images/).
@@ -78,6 +86,12 @@ grid: setup
 UI_PORT ?= 5000
 ui: setup
 	$(RUN) cleanmessy ui --port $(UI_PORT)
+
+# The REST API: `mlflow models serve` for the version at `production` when it starts (a moved alias
+# is served after a restart), offline, on http://127.0.0.1:5001/invocations (API_PORT)
+API_PORT ?= 5001
+api: setup
+	$(RUN) cleanmessy api --stage production --port $(API_PORT)
 
 # Remove pipeline outputs (not the MLflow store).
 clean-outputs:

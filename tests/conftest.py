@@ -297,3 +297,12 @@ def screenshot(page, path: Path) -> None:
 
 requires_real_photos = pytest.mark.skipif(
     not REAL_PHOTOS.is_dir(), reason=f"real photos not available at {REAL_PHOTOS} (only on the team's machines)")
+
+
+def readme_api_lines() -> list[str]:
+    """The README's REST API block, line by line, comments stripped (as tests/test_readme.py reads it)."""
+    import re
+
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    (block,) = [b for b in blocks if b.startswith("make api")]
+    return [re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines() if line.strip()]

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from cleanmessy import interrupts
+from cleanmessy import interrupts, servers
 from cleanmessy.console import filter_stderr, quiet_environment, setup_logging
 from cleanmessy.errors import UserError
 from cleanmessy.images import DEFAULT_MAX_PIXELS
@@ -123,36 +122,68 @@ def _serve(args: argparse.Namespace) -> None:
           args.max_pixels, args.upload_ttl, args.poll)
 
 
-# MLflow 3.17 starts a job runner (huey: 7 processes, ~2.7 GB) beside every server, for GenAI jobs
-# this project never runs; on a busy machine it delays the UI by minutes. This turns it off.
-NO_JOB_RUNNER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+DOCKER_PORT = 8080  # MLflow's image: nginx in front of the scoring server (mlflow/models/container)
 
 
-def _port_in_use(host: str, port: int) -> bool:
-    import errno
-    import socket
+def _docker_unavailable() -> str:
+    """Why no image can be built here ("" when a Docker daemon answers `docker info`)."""
+    import shutil
 
+    docker = shutil.which("docker")
+    if docker is None:
+        return "`docker` is not installed here"
     try:
-        with socket.create_server((host, port)):  # SO_REUSEADDR, as the server binds
-            return False
-    except OSError as exc:
-        return exc.errno == errno.EADDRINUSE  # anything else (an IPv6 host, ...) is the server's to report
+        info = subprocess.run([docker, "info"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "`docker info` did not answer within 30 s"
+    if info.returncode:
+        why = next((line.strip() for line in info.stderr.splitlines() if line.strip()), f"status {info.returncode}")
+        return f"no Docker daemon answers (`docker info`: {why.removeprefix('ERROR: ')})"
+    return ""
 
 
-def _wait_until_up(child: subprocess.Popen[bytes], health: str) -> None:
-    """Poll the server's `health` URL until it answers; a UserError if the server exits first."""
-    import time
-    import urllib.error
-    import urllib.request
+def _docker(args: argparse.Namespace) -> int:
+    """Write the Docker build context of the registered model at --stage into --dir with `mlflow
+    models generate-dockerfile` (on the project's store, offline: --env-manager local), replacing a
+    context written before; then build it as --tag where a Docker daemon answers, else say in one
+    line why the build was skipped and how to build it elsewhere."""
+    import shutil
+    import tempfile
 
-    while child.poll() is None:
-        try:
-            with urllib.request.urlopen(health, timeout=2):
-                return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.25)
-    raise UserError(f"`mlflow ui` exited (status {child.returncode}) before it answered {health}; "
-                    "its messages are above")
+    from cleanmessy import tracking
+    from cleanmessy.project import project_paths
+
+    uri = _connect_and_choose_model(args)
+    # One line, not MLflow's traceback, when the registry has no such version or it takes no photo bytes.
+    _require_photo_classifier(tracking.resolve_version(uri).uri)
+    out = (args.dir or project_paths().root / "build" / "docker").absolute()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "Dockerfile").is_file())):
+        raise UserError(f"{out} exists and is not a Docker context this command wrote: choose another --dir")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))  # never half a context in --dir
+    try:
+        generate = subprocess.run([sys.executable, "-m", "mlflow", "models", "generate-dockerfile", "-m", uri, "-d",
+                                   str(staging), "--env-manager", "local"], capture_output=True, text=True,
+                                  env={**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri()})
+        if generate.returncode:
+            last = [line for line in generate.stderr.splitlines() if line.strip()][-1:] or ["no message"]
+            raise UserError(f"`mlflow models generate-dockerfile -m {uri}` failed: {last[0].strip()}")
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    meta = dict(line.split(": ", 1) for line in (out / "model_dir" / "registered_model_meta").read_text().splitlines()
+                if ": " in line)
+    version = f"{meta.get('model_name', uri)} version {meta.get('model_version', '?')}"
+    print(f"Docker context for {version} ({uri}) in {out}", flush=True)
+    run_it = f"docker run -p {DOCKER_PORT}:{DOCKER_PORT} {args.tag}"
+    if why := _docker_unavailable():
+        print(f"Docker image not built: {why}; where Docker runs: docker build -t {args.tag} {out} && {run_it}")
+        return 0
+    if subprocess.run(["docker", "build", "-t", args.tag, str(out)]).returncode:
+        raise UserError(f"`docker build -t {args.tag} {out}` failed: its messages are above")
+    print(f"built image {args.tag}: `{run_it}` serves it on http://127.0.0.1:{DOCKER_PORT}/invocations")
+    return 0
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -164,35 +195,65 @@ def _ui(args: argparse.Namespace) -> int:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         raise UserError(f"MLFLOW_TRACKING_URI is set ({os.environ['MLFLOW_TRACKING_URI']}): open that server's UI; "
                         "`cleanmessy ui` serves the project's own store")
-    if _port_in_use(args.host, args.port):
-        raise UserError(f"port {args.port} on {args.host} is in use (another `make ui`, or a tracking server?): "
-                        "choose another with --port (`make ui UI_PORT=...`)")
-    from cleanmessy import tracking
 
-    experiment_id = tracking.open_experiment(paths)  # so the link works before the first run
-    store = tracking.tracking_uri(paths)
-    # Closing the terminal (SIGHUP) stops the UI too: its own process group would not get the hang-up.
-    signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
-    base = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
-    print(f"MLflow UI for {store}: starting on {base} (Ctrl-C stops it)", flush=True)
-    child = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host",
-                              args.host, "--port", str(args.port), "--workers", "1"],
-                             env={**os.environ, **NO_JOB_RUNNER}, stdout=sys.stderr,  # stdout: our lines only
-                             # Its own process group: Ctrl-C reaches only us. mlflow forwards a SIGINT to its
-                             # web server, which then gets two and prints a traceback; one SIGTERM stops it cleanly.
-                             process_group=0)
-    try:
-        _wait_until_up(child, f"{base}/health")
-        print(f"open {tracking.runs_page(base, experiment_id)}", flush=True)
-        return child.wait()
-    finally:  # Ctrl-C, SIGTERM or SIGHUP (as KeyboardInterrupt), an error, or the UI stopped by itself
-        if child.poll() is None:
-            child.terminate()  # mlflow passes it on to its web server
-            try:
-                child.wait(timeout=30)
-            except (subprocess.TimeoutExpired, KeyboardInterrupt):  # too slow, or a second signal: at once
-                child.kill()
-                child.wait()
+    def prepare(base: str) -> servers.ChildServer:
+        from cleanmessy import tracking
+
+        experiment_id = tracking.open_experiment(paths)  # so the link works before the first run
+        store = tracking.tracking_uri(paths)
+        print(f"MLflow UI for {store}: starting on {base} (Ctrl-C stops it)", flush=True)
+        return servers.ChildServer([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host",
+                                    args.host, "--port", str(args.port), "--workers", "1"],
+                                   {**os.environ, **servers.NO_JOB_RUNNER}, f"{base}/health",
+                                   f"open {tracking.runs_page(base, experiment_id)}")
+
+    return servers.run_server("mlflow ui", args.host, args.port, "ui", "another `make ui`, or a tracking server?",
+                              prepare)
+
+
+API_TIMEOUT = 120  # seconds a request may take: MAX_ROWS photos of MAX_PHOTO_BYTES on a big backbone, on CPU
+
+
+def _api(args: argparse.Namespace) -> int:
+    """Run `mlflow models serve` (the REST API) for the registered version that --stage's alias
+    (or --model-uri) names now, on the configured store, offline; print its URL and version once
+    /ping answers. The alias is resolved here, once: a moved alias is served after a restart.
+    TensorFlow loads in the server, not here. Returns the server's exit status."""
+    if not 1 <= args.workers <= 64:
+        raise UserError(f"--workers must be 1 to 64, not {args.workers}")
+
+    def prepare(base: str) -> servers.ChildServer:
+        from cleanmessy import tracking
+
+        uri = _connect_and_choose_model(args)
+        version = tracking.resolve_version(uri)  # the exact version, now: `models:/name/N`
+        _require_photo_classifier(version.uri)
+        at = "" if tracking.names_exact_version(uri) else f" ({uri}, resolved at start: restart to serve a moved alias)"
+        print(f"REST API for {version.uri}: starting on {base} (Ctrl-C stops it)", flush=True)
+        return servers.ChildServer(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", version.uri, "--env-manager", "local",
+             "-h", args.host, "-p", str(args.port), "--workers", str(args.workers), "--timeout", str(API_TIMEOUT)],
+            {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri()}, f"{base}/ping",
+            f"serving {version.uri} on {base}/invocations{at}")
+
+    return servers.run_server("mlflow models serve", args.host, args.port, "api",
+                              "another `make api`, or another server?", prepare)
+
+
+def _require_photo_classifier(uri: str) -> None:
+    """One line, before the server starts, when the version `uri` is not a photo classifier that
+    takes photo bytes (a version registered before that is a plain Keras model)."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from cleanmessy.pyfunc import check_photo_classifier
+
+    try:  # the MLmodel file only: the server downloads the model itself
+        flavors = Model.load(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel")).flavors
+    except (MlflowException, OSError) as exc:
+        raise UserError(f"cannot read {uri}'s MLmodel from the registry: {str(exc).splitlines()[0]}") from None
+    check_photo_classifier(flavors, uri)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -241,6 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "0: never)")
     serve.set_defaults(func=_serve)
 
+    docker = sub.add_parser("docker", help="a Docker image of a registered model (MLflow's scoring server)",
+                            description="Write the Docker build context of the model the MLflow registry holds "
+                                        "at a stage (`mlflow models generate-dockerfile`), then build the image "
+                                        f"where a Docker daemon answers. The image serves on port {DOCKER_PORT}.")
+    _add_model_options(docker)
+    docker.add_argument("--dir", type=Path, help="the build context's folder, replaced if this command wrote it "
+                                                 "(default: build/docker in the project)")
+    docker.add_argument("--tag", default="clean-vs-messy", help="the image's name (default clean-vs-messy)")
+    docker.set_defaults(func=_docker)
+
     flags = sub.add_parser("exp-flags", help="print a params changes file as `dvc exp run -S` flags",
                            description="Check a params changes file (e.g. experiments/real-photos.yaml) "
                                        "against params.yaml and print it as `-S key=value` flags: "
@@ -268,6 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=_ui)
+
+    api = sub.add_parser("api", help="the REST API: `mlflow models serve` for a registered model",
+                         description="Resolve the stage's alias to its version now, then serve that version "
+                                     "with `mlflow models serve` (offline: --env-manager local) and print its "
+                                     "URL once /ping answers. POST photos, base64 in dataframe_split, to "
+                                     "/invocations. A moved alias is served after a restart. Ctrl-C stops it.")
+    _add_model_options(api)
+    api.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    api.add_argument("--port", type=int, default=5001)
+    api.add_argument("--workers", type=int, default=1, help="server processes, each loading the model (default 1)")
+    api.set_defaults(func=_api)
     return parser
 
 

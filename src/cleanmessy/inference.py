@@ -1,11 +1,9 @@
-"""Loading a trained model and running it, for evaluate, cv, predict and the app alike: one
-loader (custom layers passed explicitly, one error mapping) and one `Predictor` (the compiled
-forward pass, in steps sized once for the model)."""
+"""Loading a trained Keras model file and running it, for evaluate, cv, the registered model
+(pyfunc.PhotoClassifier) and so every server: one loader (custom layers passed explicitly, one
+error mapping) and one `Predictor` (the compiled forward pass, in steps sized once for the model)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import time
 import warnings
 from pathlib import Path
@@ -39,18 +37,6 @@ def load_model_file(path: Path) -> keras.Model:
         return keras.saving.load_model(path, custom_objects=CUSTOM_OBJECTS)
     except LOAD_ERRORS as exc:
         raise UserError(f"cannot load {path}: {exc}; run `cleanmessy train` (or `dvc repro`)") from None
-
-
-def load_logged_model(local: Path, name: str) -> keras.Model:
-    """A model logged to MLflow by evaluate, downloaded to `local`; `name` says which in errors."""
-    import mlflow.keras
-    from mlflow.exceptions import MlflowException
-
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # MLflow's Keras loader prints progress bars
-            return mlflow.keras.load_model(str(local), custom_objects=CUSTOM_OBJECTS)
-    except (*LOAD_ERRORS, MlflowException) as exc:
-        raise UserError(f"cannot load {name}: {exc}") from None
 
 
 class Predictor:

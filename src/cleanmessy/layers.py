@@ -7,7 +7,7 @@ A region of the feature map stands in for a crop of the photo at no extra backbo
 192 real photos, 20 pooled regions of 2 passes scored higher than 28 crops through the backbone
 (README, "Results", bench/views_probe.py).
 
-Loading a saved model needs them: `inference.load_model_file` and `inference.load_logged_model`
+Loading a saved model needs them: `inference.load_model_file` (which the registered model uses too)
 pass CUSTOM_OBJECTS explicitly."""
 
 from __future__ import annotations

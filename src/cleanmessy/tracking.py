@@ -11,7 +11,6 @@ import re
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -182,55 +181,6 @@ def training_images(run_id: str) -> set[str] | None:
         return None
 
 
-def pip_requirements() -> list[str]:
-    """The serving requirements, pinned to what trained the model (inferring them costs ~10 s)."""
-    reqs = []
-    for dist in ("tensorflow-cpu", "tensorflow", "keras", "mlflow", "pillow", "numpy"):
-        try:
-            reqs.append(f"{dist}=={metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            continue
-    return reqs
-
-
-class _KerasFlavor:
-    """`mlflow.keras` with one fix: MLflow 3.17's Keras flavor writes the input example before it
-    creates the model folder, so `log_model(..., input_example=...)` fails with FileNotFoundError.
-    This shim creates the folder first and hands everything else to `mlflow.keras.save_model`."""
-
-    __name__ = "mlflow.keras"
-
-    @staticmethod
-    def save_model(path: str, extra_files: dict[str, str] | None = None, **kwargs: Any) -> None:
-        import mlflow.keras
-
-        os.makedirs(path, exist_ok=True)
-        mlflow.keras.save_model(path=path, **kwargs)
-        for name, text in (extra_files or {}).items():  # e.g. the model card, beside MLmodel
-            Path(path, name).write_text(text)
-
-
-def log_keras_model(model: Any, example: Any, prediction: Any, metadata: dict[str, Any],
-                    extra_files: dict[str, str] | None = None) -> Any:
-    """Log `model` to the active run (name "model") with signature, input example, pinned
-    requirements, `metadata` (class names, image size) in its MLmodel and `extra_files` (name ->
-    text) beside it; returns the ModelInfo."""
-    from mlflow.models import Model, infer_signature
-
-    return Model.log(
-        artifact_path=None,
-        name="model",
-        flavor=_KerasFlavor,
-        flavor_name="mlflow.keras",
-        model=model,
-        signature=infer_signature(example, prediction),
-        input_example=example,
-        pip_requirements=pip_requirements(),
-        metadata=metadata,
-        extra_files=extra_files,
-    )
-
-
 # ---------------------------------------------------------------- registry
 
 
@@ -247,6 +197,7 @@ class Comparison:
     incomparable: str = ""  # why the two cannot be scored on the same images at all (then n_unseen is 0)
     candidate_family: str = ""  # card.data_family of each; "" when not recorded
     production_family: str = ""
+    unservable: str = ""  # why no server loads the production version any more: the candidate replaces it
 
     @property
     def same_family(self) -> bool:
@@ -281,6 +232,8 @@ def decide_production(accuracy: float, min_accuracy: float, comparison: Comparis
         return False, f"not promoted: {gate}" + (f"; {comparison.describe()}" if comparison else "")
     if comparison is None:
         return True, f"promoted: {gate}; first production version"
+    if comparison.same_family and comparison.unservable:
+        return True, f"promoted: {gate}; {comparison.unservable}"
     if not comparison.same_family or not comparison.n_unseen:
         return False, f"not promoted: {comparison.describe()}"
     if comparison.candidate_correct < comparison.production_correct:

@@ -33,7 +33,7 @@ def heavy_modules(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["predict", "--help"], ["serve", "--help"], ["train", "--help"],
-                                  ["ui", "--help"]])
+                                  ["ui", "--help"], ["api", "--help"]])
 def test_help_loads_no_heavy_package(args):
     result = cli(*args)
     assert result.returncode == 0 and "usage: cleanmessy" in result.stdout

@@ -202,6 +202,20 @@ def test_promotion_never_crosses_data_families(production_family):
                           "two are not compared (to serve this version, move the alias by hand)")
 
 
+def test_a_production_version_no_server_loads_is_replaced_within_its_family():
+    """A production version registered before models took photo bytes is no longer served: a
+    candidate of the same family that reaches min_accuracy replaces it, without a comparison; below
+    min_accuracy, or of another family, it does not."""
+    why = "production version 1 was registered before models took photo bytes and no server loads it any more"
+    comparison = tracking.Comparison("1", n_test=20, n_unseen=0, candidate_correct=0, production_correct=0,
+                                     candidate_family="sample", production_family="sample", unservable=why)
+    assert tracking.decide_production(0.9, 0.8, comparison) == (
+        True, f"promoted: test accuracy 0.9000 >= evaluate.min_accuracy 0.8; {why}")
+    assert tracking.decide_production(0.7, 0.8, comparison)[0] is False
+    other = tracking.Comparison(**{**comparison.__dict__, "production_family": "folder:photos"})
+    assert tracking.decide_production(0.9, 0.8, other)[0] is False
+
+
 def test_version_family_from_tags():
     """A version's family: its data_family tag, else what the data_kind and data_source tags of
     versions registered before that tag imply."""
@@ -380,7 +394,9 @@ def test_lineage_tags_outside_git(tmp_path, monkeypatch):
 
 def test_pip_requirements_pin_installed_versions():
     """keras and mlflow are pinned with == to the installed versions; no package appears twice."""
-    reqs = tracking.pip_requirements()
+    from cleanmessy.pyfunc import pip_requirements
+
+    reqs = pip_requirements()
     pins = dict(r.split("==", 1) for r in reqs)
     assert all("==" in r for r in reqs)
     assert pins["keras"] == metadata.version("keras")

@@ -117,11 +117,13 @@ def test_model_is_registered_with_staging_and_production(tiny_project):
     assert "production" in mlflow_client.get_registered_model(MODEL).description
 
 
-def test_registered_model_loads_and_predicts_like_the_pipeline(tiny_project):
-    """`models:/clean-vs-messy@production` loads through MLflow and gives evaluate's probabilities."""
-    import mlflow
+def test_registered_model_takes_photo_bytes_and_predicts_like_the_pipeline(tiny_project):
+    """`models:/clean-vs-messy@production` is a pyfunc MLflow loads by itself: its signature takes
+    one binary column `image` and answers label, a probability per class and error; MLflow wrote
+    the input example users copy; on the test photos' bytes it gives evaluate's probabilities."""
+    import json
 
-    from cleanmessy.images import load_for_model
+    import mlflow
 
     project, _ = tiny_project
     uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
@@ -130,9 +132,16 @@ def test_registered_model_loads_and_predicts_like_the_pipeline(tiny_project):
     preds = pd.read_csv(project / "pipeline/predictions.csv")
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@production")
     assert model.metadata.metadata["class_names"] == ["clean", "messy"]
-    batch = __import__("numpy").stack([load_for_model(project / p, 32) for p in preds["path"]])
-    probs = model.predict(batch)
-    assert probs[:, 1] == pytest.approx(preds["p_messy"].to_numpy(), abs=1e-5)
+    signature = model.metadata.signature
+    assert [(c.name, c.type.name) for c in signature.inputs.inputs] == [("image", "binary")]
+    assert [c.name for c in signature.outputs.inputs] == ["label", "clean", "messy", "error"]
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}@production"))
+    example = json.loads((local / "serving_input_example.json").read_text())
+    assert example["dataframe_split"]["columns"] == ["image"]  # base64, the form the scoring server decodes
+    assert (local / "code" / "cleanmessy" / "pyfunc.py").is_file() and not list(local.rglob("*.pkl"))
+    out = model.predict(pd.DataFrame({"image": [(project / p).read_bytes() for p in preds["path"]]}))
+    assert (out["error"] == "").all() and list(out["label"]) == list(preds["predicted"])
+    assert out["messy"].to_numpy() == pytest.approx(preds["p_messy"].to_numpy(), abs=1e-5)
 
 
 def test_second_repro_reruns_nothing(own_project):
@@ -364,7 +373,7 @@ def test_registered_version_carries_a_model_card(tiny_project):
     mlflow.set_registry_uri(uri)
     version = client(project).get_run(run_info(project)["run_id"]).data.tags["registered_version"]
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}/{version}")
-    card = (Path(local) / "model_card.md").read_text()
+    card = (Path(local) / "artifacts" / "model_card.md").read_text()
     metrics = evaluation(project)
     assert f"95 % Wilson interval **[{metrics['accuracy_ci95_low']:.3f}, {metrics['accuracy_ci95_high']:.3f}]**" in card
     assert hashlib.sha256((project / "data/manifest.csv").read_bytes()).hexdigest() in card

@@ -337,7 +337,7 @@ def test_predict_cli_reports_bad_files_per_row(tiny_project, photos, tmp_path):
     bad = _bad_files(tmp_path, photos["messy"])
     files = [photos["clean"], bad["not an image"][0], bad["truncated"][0], tmp_path / "missing.jpg", photos["messy"]]
     frame = cli_predictions(project, files, tmp_path)
-    assert list(frame.columns) == ["path", "label", "clean", "messy", "error"]
+    assert list(frame.columns) == ["path", "label", "clean", "messy", "error", "model", "trained_on"]
     assert len(frame) == 5
     assert frame["error"][0] == "" and frame["error"][4] == ""
     assert frame["error"][1].startswith("not_an_image") and frame["error"][2].startswith("truncated")
@@ -454,7 +454,8 @@ def test_predict_a_folder_writes_every_photo_to_the_csv(tiny_project, photos, tm
     assert list(frame.columns) == ["path", "label", "clean", "messy", "error", "model", "trained_on"]
     assert set(frame["trained_on"]) == {"sample"} and set(frame["model"]) == {"models:/clean-vs-messy/1"}
     assert "predict: warning: models:/clean-vs-messy/1: Not trained on photos." in result.stderr
-    assert "not meaningful" in result.stderr and max(map(len, result.stderr.splitlines())) <= 100
+    warning = result.stderr[result.stderr.index("predict: warning"):result.stderr.index("predict: wrote")]
+    assert "not meaningful" in warning and max(map(len, warning.splitlines())) <= 100
 
 
 def test_login_limiter_refuses_after_five_failures_then_forgives():

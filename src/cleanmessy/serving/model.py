@@ -1,6 +1,6 @@
-"""A registered model, loaded once for serving: the Keras model from MLflow, its class names, input
-size, training data and smallest accepted photo side (from the MLmodel metadata), the compiled
-forward pass (an `inference.Predictor`) and Grad-CAM."""
+"""A registered model, loaded once for serving: the version's `pyfunc.PhotoClassifier` (the one
+loading path: the REST server loads the same), its class names, input size, training data and
+smallest accepted photo side, the compiled forward pass and Grad-CAM."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from cleanmessy import interrupts, tracking
 from cleanmessy.images import to_model_input
 from cleanmessy.params import IngestParams
+from cleanmessy.pyfunc import INPUT_COLUMN, PhotoClassifier
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ class ServedModel:
     version: tracking.RegisteredVersion
     class_names: list[str]
     image_size: int
-    keras_model: object
+    classifier: PhotoClassifier  # the registered model itself: photo bytes in, label and probabilities out
     model_card: str = ""
     # What evaluate recorded about the training data: {"kind", "family", "description", "n_images", "classes"};
     # None for versions registered before it did.
@@ -44,18 +46,16 @@ class ServedModel:
     @classmethod
     def load(cls, model_uri: str) -> ServedModel:
         """Resolve `model_uri` in the configured registry, download and load that exact version."""
-        from cleanmessy.inference import load_logged_model
+        from cleanmessy.pyfunc import load_photo_classifier
 
         version = tracking.resolve_version(model_uri)
         local, meta = tracking.download_version(version.uri)
-        keras_model = load_logged_model(local, version.uri)
-        card = local / "model_card.md"
+        classifier = load_photo_classifier(local, version.uri)
         training_data = _training_data(meta)
         if training_data and not training_data["family"]:  # registered before the metadata held it
             training_data["family"] = tracking.version_family(version.tags)
-        served = cls(version, list(meta["class_names"]), int(meta["image_size"]), keras_model,
-                     card.read_text() if card.is_file() else "", training_data=training_data,
-                     min_side=_positive_int(meta.get("min_side")) or DEFAULT_MIN_SIDE,
+        served = cls(version, classifier.class_names, classifier.image_size, classifier, classifier.model_card,
+                     training_data=training_data, min_side=classifier.min_side,
                      test_images=_positive_int(version.tags.get("test_images")),
                      data_manifest_sha256=tracking.run_tag(version.run_id, "data_manifest_sha256"))
         served._compile()
@@ -63,10 +63,9 @@ class ServedModel:
 
     def _compile(self) -> None:
         """Compile the forward pass and Grad-CAM once and run both, so no request pays for tracing."""
-        from cleanmessy.inference import Predictor
         from cleanmessy.serving.explain import gradcam_function
 
-        self._predictor = Predictor(self.keras_model, self.image_size)
+        self._predictor = self.classifier.predictor
         self._explain = gradcam_function(self.keras_model, self.image_size)
         self._explained_class = explained_class(self.class_names)
         warm = np.zeros((1, self.image_size, self.image_size, 3), np.uint8)
@@ -75,6 +74,15 @@ class ServedModel:
             self._explain(warm, np.int32(self._explained_class))
         log.info("loaded %s (%s), classes %s, %d px", self.version.uri, ",".join(self.version.aliases) or "no alias",
                  self.class_names, self.image_size)
+
+    @property
+    def keras_model(self):
+        return self.classifier.keras_model
+
+    def classify(self, photos: list) -> pd.DataFrame:
+        """The registered model's answer for photos' bytes: `label`, a probability per class and
+        `error` per row, exactly as the REST server gives it."""
+        return self.classifier.predict(None, pd.DataFrame({INPUT_COLUMN: photos}))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for a uint8 batch (n, size, size, 3), `photos_per_step` at a time."""

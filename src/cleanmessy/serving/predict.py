@@ -16,12 +16,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pandas as pd
 
 from cleanmessy.card import data_warning
 from cleanmessy.errors import UserError
-from cleanmessy.images import DEFAULT_MAX_PIXELS, ImageError, is_image_name, open_rgb, to_model_input
+from cleanmessy.images import is_image_name
 
 if TYPE_CHECKING:
     from cleanmessy.serving.model import ServedModel
@@ -47,30 +46,30 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[i:i + size]
 
 
-def predict_files(served: ServedModel, files: list[Path], batch_size: int = 32,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> pd.DataFrame:
-    """One row per file: path, label, one confidence column per class, error. Files are decoded a
-    forward step at a time (at most `batch_size`), so memory holds one step's photos."""
-    rows: list[dict] = []
-    for chunk in _chunks(files, min(batch_size, served.photos_per_step)):
-        arrays, ok_rows = [], []
-        for path in chunk:
-            row = {"path": str(path), "label": "", **{c: np.nan for c in served.class_names}, "error": ""}
+def predict_files(served: ServedModel, files: list[Path], batch_size: int = 32) -> pd.DataFrame:
+    """One row per file: path, label, one confidence column per class, error; then the model and
+    its data family. The files' bytes go through the registered model itself (`served.classify`,
+    as the REST server's rows do), a forward step at a time (at most `batch_size`), so memory holds
+    one step's photos; a file is read up to one byte past the model's limit, which refuses it."""
+    from cleanmessy.pyfunc import MAX_PHOTO_BYTES, MAX_ROWS
+
+    frames = []
+    for chunk in _chunks(files, min(batch_size, served.photos_per_step, MAX_ROWS)):
+        photos, unreadable = [], {}
+        for i, path in enumerate(chunk):
             try:
-                photo, _ = open_rgb(path, min_side=served.min_side, max_pixels=max_pixels)
-                arrays.append(to_model_input(photo, served.image_size))
-                ok_rows.append(row)
-            except ImageError as exc:
-                row["error"] = f"{exc.reason}: {exc}"
+                with path.open("rb") as f:
+                    photos.append(f.read(MAX_PHOTO_BYTES + 1))
             except OSError as exc:  # missing, a folder, no permission
-                row["error"] = f"unreadable: {exc.strerror or exc}"
-            rows.append(row)
-        if arrays:
-            probs = served.predict(np.stack(arrays))
-            for row, p in zip(ok_rows, probs):
-                row["label"] = served.class_names[int(p.argmax())]
-                row.update({c: float(v) for c, v in zip(served.class_names, p)})
-    frame = pd.DataFrame(rows, columns=["path", "label", *served.class_names, "error"])
+                photos.append(b"")
+                unreadable[i] = f"unreadable: {exc.strerror or exc}"
+        rows = served.classify(photos)
+        for i, reason in unreadable.items():
+            rows.loc[i, "error"] = reason
+        rows.insert(0, "path", [str(p) for p in chunk])
+        frames.append(rows)
+    columns = ["path", "label", *served.class_names, "error"]
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     # Which model, trained on which data (card.data_family), with every row: a CSV outlives the run.
     frame["model"] = served.version.uri
     frame["trained_on"] = (served.training_data or {}).get("family") or "not recorded"

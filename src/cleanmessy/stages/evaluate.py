@@ -15,14 +15,20 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
-from cleanmessy import interrupts, tracking
+from cleanmessy import tracking
 from cleanmessy.card import describe_data, render_card, wilson_interval
 from cleanmessy.errors import UserError
-from cleanmessy.inference import Predictor, load_logged_model, load_model_file
+from cleanmessy.inference import Predictor, load_model_file
 from cleanmessy.inputs import ModelSpec, label_indices, read_split
 from cleanmessy.lineage import manifest_hash
 from cleanmessy.params import Params, used_train_params
 from cleanmessy.project import Paths
+from cleanmessy.pyfunc import (
+    RegisteredBeforePhotoBytes,
+    check_photo_classifier,
+    load_photo_classifier,
+    log_photo_classifier,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +104,10 @@ def compare_with_production(name: str, family: str, test_frame: pd.DataFrame, co
                             class_names: list[str], batch_size: int) -> tracking.Comparison | None:
     """Score the production version (if any) on this version's test images that it never trained
     or validated on (by content hash), beside this version's score on the same images. A
-    production version trained on another data family (card.data_family) is not scored at all."""
+    production version trained on another data family (card.data_family) is not scored at all; one
+    that no server loads any more (registered before models took photo bytes) is replaced."""
     from mlflow import MlflowClient
+    from mlflow.models import Model
 
     production = tracking.alias_version(MlflowClient(), name, tracking.PRODUCTION)
     if production is None:
@@ -116,6 +124,12 @@ def compare_with_production(name: str, family: str, test_frame: pd.DataFrame, co
         return tracking.Comparison(**comparison, incomparable=(
             f"production version {production.version}'s model cannot be read here ({exc}), so the two cannot "
             "be compared"))
+    try:
+        check_photo_classifier(Model.load(str(local)).flavors, f"production version {production.version}")
+    except RegisteredBeforePhotoBytes:
+        return tracking.Comparison(**comparison, unservable=(
+            f"production version {production.version} was registered before models took photo bytes and no "
+            "server loads it any more, so this version replaces it"))
     seen = tracking.training_images(production.run_id) if production.run_id else None
     if seen is None:
         comparison["incomparable"] = (f"production version {production.version} does not record its training "
@@ -128,12 +142,12 @@ def compare_with_production(name: str, family: str, test_frame: pd.DataFrame, co
         comparison.update(n_unseen=int(unseen.sum()), candidate_correct=int(correct[unseen].sum()))
         if unseen.any():
             try:
-                other = load_logged_model(local, f"production version {production.version}")
+                other = load_photo_classifier(local, f"production version {production.version}")
             except UserError as exc:
                 return tracking.Comparison(**{**comparison, "n_unseen": 0, "candidate_correct": 0, "incomparable": (
                     f"{exc}, so the two cannot be compared")})
             rows = test_frame[unseen]
-            probs = Predictor(other, int(meta["image_size"]), batch_size).predict_split(rows, root)
+            probs = Predictor(other.keras_model, int(meta["image_size"]), batch_size).predict_split(rows, root)
             comparison["production_correct"] = int((probs.argmax(axis=1) == label_indices(rows, class_names)).sum())
     return tracking.Comparison(**comparison)
 
@@ -145,7 +159,7 @@ def card_data(paths: Paths, report: dict[str, Any]) -> dict[str, Any]:
             "split_sizes": {s: len(read_split(paths.split_csv(s))) for s in ("train", "val", "test")}}
 
 
-def log_and_register(model, spec: ModelSpec, test_frame: pd.DataFrame, paths: Paths, test: dict[str, Any],
+def log_and_register(spec: ModelSpec, test_frame: pd.DataFrame, paths: Paths, test: dict[str, Any],
                      correct: np.ndarray, card: str, run_id: str, params: Params,
                      training_data: dict[str, Any]) -> tracking.Promotion:
     """Into the active (training) run: the test metrics, the card and the model; then register the
@@ -154,14 +168,12 @@ def log_and_register(model, spec: ModelSpec, test_frame: pd.DataFrame, paths: Pa
     mlflow.log_metrics(mlflow_metrics(test))
     mlflow.log_dict({"test": test}, "evaluation.json")
     mlflow.log_text(card, "model_card.md")
-    example = to_model_input_batch(test_frame, paths.root, spec.image_size)
-    with interrupts.deferred():
-        prediction = model.predict(example, verbose=0)
-    with contextlib.redirect_stdout(io.StringIO()):  # MLflow's signature check prints progress bars
-        info = tracking.log_keras_model(model, example, prediction,
-                                        {"class_names": spec.class_names, "image_size": spec.image_size,
-                                         "min_side": params.ingest.min_side, "training_data": training_data},
-                                        extra_files={"model_card.md": card})
+    config = {"class_names": spec.class_names, "image_size": spec.image_size, "min_side": params.ingest.min_side,
+              "max_pixels": params.ingest.max_pixels}
+    example = (paths.root / test_frame["path"].iloc[0]).read_bytes()  # a test photo, as a client sends it
+    with contextlib.redirect_stdout(io.StringIO()):  # MLflow's input-example check prints progress bars
+        info = log_photo_classifier(paths.model, card, config, example,
+                                             {**config, "training_data": training_data})
     # The few tags the registry's versions table shows; the run has the whole lineage.
     tags = {"data_family": training_data["family"], "test_images": str(test["n"]),
             "git_commit": mlflow.get_run(run_id).data.tags.get("git_commit", "none")}
@@ -191,7 +203,7 @@ def main(paths: Paths, params: Params) -> None:
                  test["accuracy_ci95_low"], test["accuracy_ci95_high"], test["n"], test["loss"])
         card = render_card(params.evaluate.model_name, data,
                            {"base.image_size": spec.image_size, **used_train_params(params.train)}, test)
-        promotion = log_and_register(model, spec, test_frame, paths, test, probs.argmax(axis=1) == y_true,
+        promotion = log_and_register(spec, test_frame, paths, test, probs.argmax(axis=1) == y_true,
                                      card, run_id, params, training_data)
     paths.metrics.write_text(json.dumps(headline(test), indent=2) + "\n")
     paths.evaluation.write_text(json.dumps({"test": test}, indent=2) + "\n")
@@ -205,10 +217,3 @@ def main(paths: Paths, params: Params) -> None:
              ", ".join(aliases) or "no alias", promotion.reason)
     if link := tracking.server_runs_link(run_id):  # a team server: where to look at the run
         log.info("evaluate: the runs on the tracking server: %s", link)
-
-
-def to_model_input_batch(frame: pd.DataFrame, root: Path, image_size: int) -> np.ndarray:
-    """The first test image as a batch of one: the logged model's input example."""
-    from cleanmessy.images import load_for_model
-
-    return load_for_model(root / frame["path"].iloc[0], image_size)[None]
