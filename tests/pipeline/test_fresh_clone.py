@@ -6,11 +6,13 @@ This clones the last commit: uncommitted changes are not in it (CI tests a clean
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -208,14 +210,27 @@ def test_readme_sequence_leaves_the_photo_model_in_production(clone, tmp_path):
     assert client.get_model_version_by_alias("clean-vs-messy-photos", "production").version == photos.version
     assert len(client.search_model_versions("name='clean-vs-messy-photos'")) == 1
 
-    some = sorted(REAL_PHOTOS.rglob("*.png"))[:2]
+    some = sorted(REAL_PHOTOS.rglob("*.png"))[::9][:20]  # 20 photos of both classes
     out = tmp_path / "photos.csv"
-    result = sh(f"cleanmessy predict {some[0]} {some[1]} --model-name clean-vs-messy-photos --out {out}", folder,
-                activated=True)
+    result = sh(f"cleanmessy predict {' '.join(map(str, some))} --model-name clean-vs-messy-photos --out {out}",
+                folder, activated=True)
     assert "warning" not in result.stderr
-    frame = pd.read_csv(out)
-    assert set(frame["trained_on"]) == {f"folder:{REAL_PHOTOS}"}
+    frame = pd.read_csv(out, keep_default_na=False)
+    assert set(frame["trained_on"]) == {f"folder:{REAL_PHOTOS}"} and (frame["error"] == "").all()
     assert set(frame["model"]) == {f"models:/clean-vs-messy-photos/{photos.version}"}
+    # The REST API serves the same photo model and gives the same answers (issue 19: to 1e-6).
+    port = free_port()
+    with server(f"cleanmessy api --model-name clean-vs-messy-photos --port {port}", folder, tmp_path / "api.log",
+                f"http://127.0.0.1:{port}/ping", user_env(folder, activated=True)):
+        request = {"dataframe_split": {"columns": ["image"],
+                                       "data": [[base64.b64encode(p.read_bytes()).decode()] for p in some]}}
+        answer = urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", json.dumps(request).encode(),
+            {"Content-Type": "application/json"}), timeout=300)
+        rows = json.loads(answer.read())["predictions"]
+    assert [r["label"] for r in rows] == list(frame["label"]) and all(r["error"] == "" for r in rows)
+    for name in ("clean", "messy"):
+        assert [r[name] for r in rows] == pytest.approx(list(frame[name]), abs=1e-6)
     # The workspace's params are the committed ones again: `predict` serves the sample model, and says so.
     result = sh(f"cleanmessy predict {some[0]}", folder, activated=True)
     assert "predict: warning: models:/clean-vs-messy/" in result.stderr and "Not trained on photos" in result.stderr
