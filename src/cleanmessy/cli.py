@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cleanmessy import interrupts, servers
+from cleanmessy import interrupts
 from cleanmessy.console import filter_stderr, quiet_environment, setup_logging
 from cleanmessy.errors import UserError
 from cleanmessy.images import DEFAULT_MAX_PIXELS
@@ -189,6 +189,7 @@ def _docker(args: argparse.Namespace) -> int:
 def _ui(args: argparse.Namespace) -> int:
     """Run `mlflow ui` on the project's store (without MLflow's job runner) and print the link to
     the experiment's runs once it answers; Ctrl-C or SIGTERM stops it. Returns its exit status."""
+    from cleanmessy import servers
     from cleanmessy.project import project_paths
 
     paths = project_paths()
@@ -219,6 +220,8 @@ def _api(args: argparse.Namespace) -> int:
     (or --model-uri) names now, on the configured store, offline; print its URL and version once
     /ping answers. The alias is resolved here, once: a moved alias is served after a restart.
     TensorFlow loads in the server, not here. Returns the server's exit status."""
+    from cleanmessy import servers
+
     if not 1 <= args.workers <= 64:
         raise UserError(f"--workers must be 1 to 64, not {args.workers}")
 
