@@ -155,7 +155,7 @@ def test_read_only_local_store_is_one_line(tmp_path):
     import shutil
     import sqlite3
 
-    from conftest import copy_project
+    from conftest import copy_project, tool_env
 
     if not shutil.which("chattr"):
         pytest.skip("chattr (e2fsprogs) is not installed")
@@ -165,7 +165,9 @@ def test_read_only_local_store_is_one_line(tmp_path):
         connection.execute("CREATE TABLE t (x INTEGER)")
     subprocess.run(["chattr", "+i", str(db)], check=True)
     try:
-        result = subprocess.run([sys.executable, "-c", PROBE, "train"], cwd=project, capture_output=True, text=True)
+        # tool_env: no MLFLOW_TRACKING_URI that an earlier test's MLflow calls exported into this process
+        result = subprocess.run([sys.executable, "-c", PROBE, "train"], cwd=project, capture_output=True, text=True,
+                                env=tool_env())
     finally:
         subprocess.run(["chattr", "-i", str(db)], check=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
