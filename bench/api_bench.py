@@ -48,12 +48,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import yaml
+from serve_bench import percentiles, time_calls  # bench/ is on sys.path: the script's own folder
 
 from cleanmessy.console import QUIET_ENVIRONMENT, filter_stderr, quiet_environment
 
@@ -142,20 +142,6 @@ def jpeg_photo(config: str, size: int) -> bytes:
 # ---------------------------------------------------------------- measuring
 
 
-def percentiles(seconds: list[float]) -> dict[str, float]:
-    ms = np.array(seconds) * 1000
-    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "n": len(ms)}
-
-
-def time_calls(fn: Callable[[], object], n: int, warmup: int = WARMUP) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
 
 
 def free_port() -> int:
