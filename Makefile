@@ -43,10 +43,14 @@ test: setup browser postgres
 	$(RUN) ruff check src tests bench
 	$(RUN) pytest
 
-# The Gradio app for the model at the `production` stage: http://127.0.0.1:7860 (SERVE_PORT)
+# The Gradio app for the model at the `production` stage: http://127.0.0.1:7860 (SERVE_PORT).
+# `make serve FEEDBACK=on`: users can correct a label; the photos are kept in data/feedback/ and the
+# next `dvc repro` (`make run`) trains on them.
 SERVE_PORT ?= 7860
+FEEDBACK ?= off
 serve: setup
-	$(RUN) cleanmessy serve --stage production --port $(SERVE_PORT)
+	$(if $(filter-out on off,$(FEEDBACK)),$(error FEEDBACK must be on or off, not "$(FEEDBACK)"))
+	$(RUN) cleanmessy serve --stage production --port $(SERVE_PORT)$(if $(filter on,$(FEEDBACK)), --feedback)
 
 # A Docker image of the model at `production`: `mlflow models generate-dockerfile` writes the build
 # context into DOCKER_DIR, then `docker build` where a Docker daemon answers (else one line says why
@@ -80,7 +84,7 @@ grid: setup
 	while $(RUN) dvc queue status | grep -qE 'Running|Queued'; do sleep 5; done
 	$(RUN) dvc queue status
 	! $(RUN) dvc queue status | grep -q Failed  # a failed experiment fails the grid (`dvc queue logs NAME`)
-	$(RUN) dvc exp show --only-changed --drop 'Created|.*/|roc_auc|macro_f1|loss'
+	$(RUN) dvc exp show --only-changed --drop 'Created|.*/|roc_auc|auroc|flag_.*'
 
 # The MLflow UI over the project's store; prints the link to the runs (UI_PORT=5000 by default)
 UI_PORT ?= 5000

@@ -37,7 +37,7 @@ VENV_BIN = Path(sys.executable).parent
 # What a fresh clone holds that the pipeline needs (outputs, stores and caches excluded).
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "Makefile", ".gitignore", ".dvc/config",
                  ".dvc/.gitignore", ".dvc/plots-page.html", ".dvcignore", "data/.gitignore", "pipeline/.gitignore",
-                 "mlruns/.gitignore"]
+                 "mlruns/.gitignore", "data/feedback/README.md"]
 PROJECT_DIRS = ["src", "data/sample"]
 
 # Tiny settings: a full `dvc repro` in well under a minute on 2 cores.
@@ -123,11 +123,13 @@ def copy_project(dest: Path, params: dict | None = None, sample: dict | None = N
     return dest
 
 
-# What reading a project writes: DVC's lock files, and the registered_model_meta (name and version)
-# that MLflow writes into a local store's model folder whenever a registered model is loaded from it
-# (ModelsArtifactRepository.download_artifacts returns the store's own folder, not a copy).
+# What reading a project writes: DVC's lock files, the servers' request log, and the
+# registered_model_meta (name and version) that MLflow writes into a local store's model folder
+# whenever a registered model is loaded from it (ModelsArtifactRepository.download_artifacts
+# returns the store's own folder, not a copy).
 def _written_by_reads(name: Path) -> bool:
-    return name.is_relative_to(".dvc/tmp") or (name.is_relative_to("mlruns") and name.name == "registered_model_meta")
+    return (name.is_relative_to(".dvc/tmp") or name.is_relative_to("data/served")  # the servers' request log
+            or (name.is_relative_to("mlruns") and name.name == "registered_model_meta"))
 
 
 def fingerprint(project: Path) -> dict[str, str]:

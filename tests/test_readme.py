@@ -34,9 +34,9 @@ TESTED = {
         (PIPELINE, '["dvc", "exp", "run", "-n", "lr-high", "-S", "train.learning_rate=0.002"]'),
     "dvc exp run -n more-test -S split.test_fraction=0.3":
         (PIPELINE, '["dvc", "exp", "run", "-n", "more-test", "-S", "split.test_fraction=0.3"]'),
-    "dvc exp show --only-changed --drop 'Created|.*/|roc_auc|macro_f1|loss'":
-        (PIPELINE, 'COMPARE_DROP = "Created|.*/|roc_auc|macro_f1|loss"'),
-    "dvc exp show --only-changed --drop 'Created|.*/|roc_auc|macro_f1|loss' --md":
+    "dvc exp show --only-changed --drop 'Created|.*/|roc_auc|auroc|flag_.*'":
+        (PIPELINE, 'COMPARE_DROP = "Created|.*/|roc_auc|auroc|flag_.*"'),
+    "dvc exp show --only-changed --drop 'Created|.*/|roc_auc|auroc|flag_.*' --md":
         (PIPELINE, '"--only-changed", "--drop", COMPARE_DROP, "--md"], project)'),
     "dvc exp show": (PIPELINE, '["dvc", "exp", "show", "--no-pager"], project, COLUMNS="300"'),
     "dvc metrics diff main lr-high": (PIPELINE, '["dvc", "metrics", "diff", "main", "lr-high"]'),

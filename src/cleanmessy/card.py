@@ -76,7 +76,32 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return round(max(0.0, centre - half), 6), round(min(1.0, centre + half), 6)
 
 
-def render_card(name: str, data: dict[str, Any], train: dict[str, Any], test: dict[str, Any]) -> str:
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def familiarity_section(report: dict[str, Any] | None) -> str:
+    """The model card's "Familiarity" section: how the `unfamiliar` flag is set, and how often it
+    fires on the test split and on the out-of-distribution set (evaluate.familiarity_report)."""
+    if not report:
+        return ""
+    kinds = ", ".join(f"{kind} {m['flag_rate'] * 100:.0f} %" for kind, m in report["by_kind"].items())
+    auroc = "n/a" if report["auroc"] is None else f"{report['auroc']:.3f}"
+    return f"""
+## Familiarity
+Every answer carries a `familiarity` score: the share of training photos (each left out) that are at
+least as far from their {_ordinal(report['familiarity_k'])}-nearest training photo, in the model's features,
+as this photo is from its own. Below {report['familiarity_alpha'] * 100:.0f} % the photo is flagged
+`unfamiliar`: unlike the photos this model was trained on, so its label is not to be trusted.
+- Test split flagged: **{report['flag_rate_in'] * 100:.1f} %** ({report['flagged_in']}/{report['n_in']})
+- Out-of-distribution set flagged: **{report['flag_rate_out'] * 100:.1f} %** \
+({report['flagged_out']}/{report['n_out']}: {kinds})
+- AUROC, test split against the out-of-distribution set: **{auroc}**
+"""
+
+
+def render_card(name: str, data: dict[str, Any], train: dict[str, Any], test: dict[str, Any],
+                familiarity: dict[str, Any] | None = None) -> str:
     """Markdown for `name`: the data (what it is in words, source, counts, manifest hash), the
     params the model used, test metrics with their interval, per-class recall, and the known
     limits of a model trained on that kind of data."""
@@ -108,6 +133,7 @@ Trained on {data['description']}.
 |---|---|---|---|---|
 {rows}
 
+{familiarity_section(familiarity)}
 ## Known limits
 {SYNTHETIC_LIMITS if data['kind'] == 'sample' else PHOTO_LIMITS}
 """

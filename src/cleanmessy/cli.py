@@ -111,6 +111,52 @@ def _predict(args: argparse.Namespace) -> int:
     return run(args.paths, lambda: _connect_and_choose_model(args), args.out, args.batch_size)
 
 
+def _monitor(args: argparse.Namespace) -> int:
+    from cleanmessy import monitor
+
+    photos = None
+    if args.photos is not None:
+        if not args.photos.is_dir():
+            raise UserError(f"--photos {args.photos}: not a folder")
+        from cleanmessy.serving.predict import collect
+
+        photos = (args.photos, collect([args.photos]))
+    return monitor.run(args.log, photos, lambda: _connect_and_choose_model(args), args.model_uri, args.last,
+                       args.fail_on_drift)
+
+
+def _request_log(args: argparse.Namespace):
+    """The servers' request log: --request-log, else the project's data/served/requests.jsonl
+    (none outside a project); None with --no-request-log."""
+    from cleanmessy import requestlog
+
+    if args.no_request_log:
+        return None
+    if not 0.001 <= args.request_log_mb <= 100_000:  # NaN fails every comparison
+        raise UserError(f"--request-log-mb must be 0.001 to 100000, not {args.request_log_mb:g}")
+    path = args.request_log
+    if path is None:
+        try:
+            from cleanmessy.project import find_root
+
+            path = find_root() / requestlog.DEFAULT_PATH
+        except UserError:
+            return None
+    if path.exists() and not path.is_file():
+        raise UserError(f"--request-log {path}: not a file")
+    return requestlog.RequestLog(path.resolve(), int(args.request_log_mb * 1024 * 1024))
+
+
+def _add_request_log_options(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--request-log", type=Path, metavar="FILE",
+                       help="append a JSON line per classified photo here (default: data/served/requests.jsonl "
+                            "in the project; never the photo itself)")
+    which.add_argument("--no-request-log", action="store_true", help="log no requests")
+    parser.add_argument("--request-log-mb", type=float, default=20, metavar="MB",
+                        help="rotate the log past this size; the log and its predecessor are kept (default 20)")
+
+
 def _serve(args: argparse.Namespace) -> None:
     from cleanmessy.serving.app import serve
 
@@ -118,8 +164,9 @@ def _serve(args: argparse.Namespace) -> None:
         log.warning("--auth shows the password to anyone who can run `ps` here; prefer CLEANMESSY_AUTH=user:password")
     if not (args.poll == 0 or 0.5 <= args.poll <= 86_400):  # NaN fails every comparison
         raise UserError(f"--poll must be 0 (never) or 0.5 to 86400 seconds, not {args.poll:g}")
+    request_log = _request_log(args)
     serve(_connect_and_choose_model(args), "0.0.0.0" if args.public else args.host, args.port, args.auth,
-          args.max_pixels, args.upload_ttl, args.poll)
+          args.max_pixels, args.upload_ttl, args.poll, request_log, feedback=args.feedback)
 
 
 DOCKER_PORT = 8080  # MLflow's image: nginx in front of the scoring server (mlflow/models/container)
@@ -220,10 +267,11 @@ def _api(args: argparse.Namespace) -> int:
     (or --model-uri) names now, on the configured store, offline; print its URL and version once
     /ping answers. The alias is resolved here, once: a moved alias is served after a restart.
     TensorFlow loads in the server, not here. Returns the server's exit status."""
-    from cleanmessy import servers
+    from cleanmessy import requestlog, servers
 
     if not 1 <= args.workers <= 64:
         raise UserError(f"--workers must be 1 to 64, not {args.workers}")
+    request_log = _request_log(args)
 
     def prepare(base: str) -> servers.ChildServer:
         from cleanmessy import tracking
@@ -233,10 +281,16 @@ def _api(args: argparse.Namespace) -> int:
         _require_photo_classifier(version.uri)
         at = "" if tracking.names_exact_version(uri) else f" ({uri}, resolved at start: restart to serve a moved alias)"
         print(f"REST API for {version.uri}: starting on {base} (Ctrl-C stops it)", flush=True)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
+               requestlog.ENV_MODEL: f"{version.name}/{version.version}"}
+        env.pop(requestlog.ENV_PATH, None)
+        if request_log is not None:  # the registered model, in the server's workers, appends to it
+            env.update({requestlog.ENV_PATH: str(request_log.path),
+                        requestlog.ENV_MAX_MB: str(request_log.max_bytes / 1024 / 1024)})
         return servers.ChildServer(
             [sys.executable, "-m", "mlflow", "models", "serve", "-m", version.uri, "--env-manager", "local",
              "-h", args.host, "-p", str(args.port), "--workers", str(args.workers), "--timeout", str(API_TIMEOUT)],
-            {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri()}, f"{base}/ping",
+            env, f"{base}/ping",
             f"serving {version.uri} on {base}/invocations{at}")
 
     return servers.run_server("mlflow models serve", args.host, args.port, "api",
@@ -303,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--poll", type=float, default=5.0, metavar="SECONDS",
                        help="check the stage's alias this often and serve the version it moves to (default 5; "
                             "0: never)")
+    _add_request_log_options(serve)
+    serve.add_argument("--feedback", action="store_true",
+                       help="offer \"Wrong? It is ...\" corrections (and POST /feedback); corrected photos are kept "
+                            "in the project's data/feedback for the next `dvc repro` (default: off)")
     serve.set_defaults(func=_serve)
 
     docker = sub.add_parser("docker", help="a Docker image of a registered model (MLflow's scoring server)",
@@ -352,7 +410,26 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     api.add_argument("--port", type=int, default=5001)
     api.add_argument("--workers", type=int, default=1, help="server processes, each loading the model (default 1)")
+    _add_request_log_options(api)
     api.set_defaults(func=_api)
+
+    watch = sub.add_parser(
+        "monitor", help="compare served photos with the model's training data; log a monitoring run",
+        description="Compare the request log's recent requests (the model that served them: the newest line's, or "
+                    "--model-uri's version), or a folder of photos classified now, with the training data of the "
+                    "model: the unfamiliar-photo rate, the label mix and the photos' features. Logs a run to the "
+                    "MLflow experiment clean-vs-messy-monitoring and prints a one-line verdict. Drift: a check's "
+                    "p-value below 0.01 / the checks run; under 20 photos: not enough data.")
+    source = watch.add_mutually_exclusive_group()
+    source.add_argument("--log", type=Path, help="the request log (default: data/served/requests.jsonl in the "
+                                                 "project, and its rotated predecessor)")
+    source.add_argument("--photos", type=Path, metavar="DIR", help="a folder of photos instead, classified with the "
+                                                                   "model at --stage (or --model-uri)")
+    _add_model_options(watch)
+    watch.add_argument("--last", type=int, default=1000, metavar="N",
+                       help="the most recent N requests (the N newest photos with --photos; default 1000)")
+    watch.add_argument("--fail-on-drift", action="store_true", help="exit with status 1 when the verdict is drift")
+    watch.set_defaults(func=_monitor)
     return parser
 
 

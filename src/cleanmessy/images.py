@@ -16,6 +16,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 SUPPORTED_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 DEFAULT_MAX_PIXELS = 40_000_000
+# The file suffix of an image kept in its decoded format (ingest's data/images, the app's feedback).
+FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
 
 # PIL warns (and decodes) between ~89 and ~179 megapixels, and raises above. Every decode here
 # refuses both, whatever max_pixels says. Set once for the process, not per call: decoding runs

@@ -16,7 +16,7 @@ from cleanmessy import interrupts
 from cleanmessy.errors import UserError
 from cleanmessy.inputs import decode_batches
 from cleanmessy.layers import CUSTOM_OBJECTS
-from cleanmessy.models import PASSES_PER_STEP, photos_per_step
+from cleanmessy.models import PASSES_PER_STEP, feature_map, photos_per_step
 
 # What Keras raises on a file that is not a loadable model: OSError (missing, not a zip),
 # ValueError (a bad config), TypeError (a layer refusing its config).
@@ -53,6 +53,57 @@ class Predictor:
             lambda x: model(x, training=False),
             input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)],
         )
+
+        self._with_features = None  # traced on first use (evaluate, the servers): probabilities + feature stats
+
+    def _features_function(self):
+        """A forward pass that also returns, per photo, the mean and the standard deviation of each
+        channel of the model's last convolutional feature map (models.feature_map): what
+        `familiarity.embed` takes."""
+        if self._with_features is None:
+            import tensorflow as tf
+
+            both = keras.Model(self.model.inputs, [self.model.outputs[0], feature_map(self.model)])
+
+            def forward(x):
+                probs, maps = both(x, training=False)
+                maps = maps[:tf.shape(x)[0]]  # multi-view models: the photos' own pass comes first
+                return probs, tf.concat([tf.reduce_mean(maps, axis=[1, 2]), tf.math.reduce_std(maps, axis=[1, 2])], 1)
+
+            self._with_features = tf.function(forward, input_signature=[
+                tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.uint8)])
+        return self._with_features
+
+    def with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`(probabilities, feature statistics)` for a uint8 batch, in the same steps as `__call__`."""
+        forward = self._features_function()
+        probs, stats = [], []
+        with interrupts.deferred():
+            for i in range(0, len(batch), self.step):
+                interrupts.raise_pending()
+                p, f = forward(batch[i:i + self.step])
+                probs.append(p.numpy())
+                stats.append(f.numpy())
+        return self._join(probs, stats)
+
+    def split_with_features(self, frame: pd.DataFrame, root: Path) -> tuple[np.ndarray, np.ndarray]:
+        """`(probabilities, feature statistics)` for every image of a split frame, streamed as
+        `predict_split`."""
+        forward = self._features_function()
+        files, probs, stats = [str(root / p) for p in frame["path"]], [], []
+        with interrupts.deferred():
+            for images in decode_batches(files, self.image_size, self.step):
+                interrupts.raise_pending()
+                p, f = forward(images)
+                probs.append(p.numpy())
+                stats.append(f.numpy())
+        return self._join(probs, stats)
+
+    def _join(self, probs: list, stats: list) -> tuple[np.ndarray, np.ndarray]:
+        if not probs:
+            width = int(feature_map(self.model).shape[-1]) * 2
+            return np.zeros((0, self.model.output_shape[-1]), np.float32), np.zeros((0, width), np.float32)
+        return np.concatenate(probs), np.concatenate(stats)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for a uint8 batch (n, size, size, 3)."""

@@ -140,6 +140,17 @@ def photos_per_step(model: keras.Model, batch_size: int) -> int:
     return max(1, min(batch_size, PASSES_PER_STEP // n_passes))
 
 
+FLATTEN = "flatten"  # seed_cnn: the last conv block's map goes in
+
+
+def feature_map(model: keras.Model):
+    """The model's last convolutional feature map, which `familiarity` summarises: the backbone's
+    output (what `pool` takes) for transfer models, the last conv block's (what `flatten` takes)
+    for seed_cnn. For multi-view models its first rows (of the batch's size) are the photos
+    themselves (MultiView is pass-major)."""
+    return model.get_layer(POOL if has_layer(model, POOL) else FLATTEN).input
+
+
 def has_layer(model: keras.Model, name: str) -> bool:
     return any(layer.name == name for layer in model.layers)
 

@@ -32,6 +32,11 @@ def find_root(start: Path | None = None) -> Path:
 # workspace's model (a run id differs on every run, so it must not be a DVC output).
 UNTRACKED = ("mlruns", "pipeline/mlflow_run.json")
 
+# data/feedback/<label>/: corrections kept by `cleanmessy serve --feedback` (serving/feedback.py),
+# which ingest merges into the training data; data/feedback/<this>/ (photos marked "not a room")
+# never becomes training data (evaluate's out-of-distribution set takes it).
+FEEDBACK_NOT_A_ROOM = "not-a-room"
+
 
 @dataclass(frozen=True)
 class Paths:
@@ -71,13 +76,33 @@ class Paths:
     def splits(self) -> Path:
         return self._at("data/splits")
 
+    @property
+    def feedback(self) -> Path:
+        """Corrections from the app (`serve --feedback`): photos by label, an ingest input."""
+        return self._at("data/feedback")
+
     def split_csv(self, split: str) -> Path:
         return self._at(f"data/splits/{split}.csv")
+
+    @property
+    def not_a_room(self) -> Path:
+        """Photos users marked "not a room" in the app: evaluate's OOD set, never training data."""
+        return self._at(f"data/feedback/{FEEDBACK_NOT_A_ROOM}")
 
     # pipeline/: train, evaluate and plot outputs
     @property
     def model(self) -> Path:
         return self._at("pipeline/model.keras")
+
+    @property
+    def familiarity(self) -> Path:
+        """The familiarity detector train fits on the training photos' features (familiarity.py)."""
+        return self._at("pipeline/familiarity.npz")
+
+    @property
+    def ood_metrics(self) -> Path:
+        """The familiarity detector's headline figures (a DVC metrics file beside metrics.json)."""
+        return self._at("pipeline/ood.json")
 
     @property
     def history(self) -> Path:

@@ -1,16 +1,23 @@
 """The registered model: an MLflow pyfunc (`PhotoClassifier`) that takes photo bytes and answers a
-label, one probability per class and an error per row. evaluate logs it as *models from code*
-(registered_model.py, no pickles) with the Keras model and the model card as artifacts and this
-package as its code, so `mlflow models serve`, the Docker image, the app, `cleanmessy predict` and
-evaluate's comparison with production all load a version the same way (`load_photo_classifier`)
-and decode photos with the same `images.open_rgb`.
+label, one probability per class, how familiar the photo is to the model (`familiarity`,
+`unfamiliar`: familiarity.py) and an error per row. evaluate logs it as *models from code*
+(registered_model.py, no pickles) with the Keras model, the familiarity detector and the model card
+as artifacts and this package as its code, so `mlflow models serve`, the Docker image, the app,
+`cleanmessy predict` and evaluate's comparison with production all load a version the same way
+(`load_photo_classifier`) and decode photos with the same `images.open_rgb`.
 
 A row that cannot be classified (not an image, truncated, too small, too large, a pixel bomb)
 gets its one-line reason in `error`; the other rows are answered. A request is bounded: at most
-`MAX_ROWS` photos and `MAX_PHOTO_BYTES` a photo."""
+`MAX_ROWS` photos and `MAX_PHOTO_BYTES` a photo.
+
+A server that sets `request_log` (the app; the REST server through CLEANMESSY_REQUEST_LOG, which
+`cleanmessy api` sets) gets a JSON line per photo it classified (requestlog.py)."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -20,17 +27,21 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
+from cleanmessy import requestlog
 from cleanmessy.errors import UserError
 from cleanmessy.images import DEFAULT_MAX_PIXELS, ImageError, open_rgb, to_model_input
 
 INPUT_COLUMN = "image"
 MAX_ROWS = 64  # photos a request
 MAX_PHOTO_BYTES = 25 * 1024 * 1024  # as the app's upload limit
-KERAS_ARTIFACT, CARD_ARTIFACT = "keras_model", "model_card"
+KERAS_ARTIFACT, CARD_ARTIFACT, FAMILIARITY_ARTIFACT = "keras_model", "model_card", "familiarity"
+FAMILIARITY, UNFAMILIAR = "familiarity", "unfamiliar"
+
+log = logging.getLogger(__name__)
 
 
 def output_columns(class_names: list[str]) -> list[str]:
-    return ["label", *class_names, "error"]
+    return ["label", *class_names, FAMILIARITY, UNFAMILIAR, "error"]
 
 
 def _as_bytes(value: Any) -> bytes | None:
@@ -58,7 +69,13 @@ def _is_base64_photo(value: Any) -> bool:
 class PhotoClassifier(mlflow.pyfunc.PythonModel):
     """Photo bytes in (column `image`), `label`, a probability per class and `error` out."""
 
+    familiarity = None  # familiarity.Familiarity, loaded with the version (None: registered before it)
+    request_log: requestlog.RequestLog | None = None  # where a server logs what it classified
+    served_as = ""  # "name/version" in the request log
+    log_source = "rest"  # which server, in the request log
+
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        from cleanmessy.familiarity import Familiarity
         from cleanmessy.inference import Predictor, load_model_file
 
         config = context.model_config or {}
@@ -70,6 +87,10 @@ class PhotoClassifier(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor(self.keras_model, self.image_size)
         card = context.artifacts.get(CARD_ARTIFACT)
         self.model_card = Path(card).read_text() if card else ""
+        detector = context.artifacts.get(FAMILIARITY_ARTIFACT)  # versions registered before it have none
+        self.familiarity = Familiarity.load(Path(detector)) if detector else None
+        self.request_log = requestlog.RequestLog.from_environment()
+        self.served_as = os.environ.get(requestlog.ENV_MODEL, "")
 
     def decode(self, data: Any) -> np.ndarray:
         """One photo's bytes as the model's uint8 input, or ImageError with ingest's reason code."""
@@ -82,7 +103,8 @@ class PhotoClassifier(mlflow.pyfunc.PythonModel):
         return to_model_input(image, self.image_size)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """A row per photo: `label`, one probability column per class, `error` ("" when classified)."""
+        """A row per photo: `label`, one probability column per class, `familiarity` and
+        `unfamiliar`, `error` ("" when classified)."""
         if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
             # MlflowException: the scoring server answers 400 with this line (any other exception: a trace)
             raise MlflowException.invalid_parameter_value(f"the request needs a column `{INPUT_COLUMN}` of photo "
@@ -92,10 +114,21 @@ class PhotoClassifier(mlflow.pyfunc.PythonModel):
             raise MlflowException.invalid_parameter_value(
                 f"the `{INPUT_COLUMN}` column holds base64 text, not photo bytes: the server decodes base64 only "
                 "in dataframe_split or dataframe_records, not in inputs or instances")
-        out = pd.DataFrame({"label": [""] * len(photos), **{c: [np.nan] * len(photos) for c in self.class_names},
-                            "error": [""] * len(photos)})
-        if len(photos) > MAX_ROWS:
-            out["error"] = f"too_many_photos: a request takes at most {MAX_ROWS} photos, this one has {len(photos)}"
+        out, projections = self.classify(photos)
+        if self.request_log is not None:
+            self.log_requests(photos, out, projections)
+        return out
+
+    def classify(self, photos: list) -> tuple[pd.DataFrame, np.ndarray]:
+        """The answer for each photo (as `predict`) and its features on the familiarity detector's
+        principal axes (n, p), NaN for a row not classified (or a version without a detector)."""
+        n = len(photos)
+        out = pd.DataFrame({"label": [""] * n, **{c: [np.nan] * n for c in self.class_names},
+                            FAMILIARITY: [np.nan] * n, UNFAMILIAR: [None] * n, "error": [""] * n})
+        dims = self.familiarity.components.shape[1] if self.familiarity is not None else 0
+        projections = np.full((n, dims), np.nan, np.float32)
+        if n > MAX_ROWS:
+            out["error"] = f"too_many_photos: a request takes at most {MAX_ROWS} photos, this one has {n}"
             photos = []
         arrays, rows = [], []
         for i, data in enumerate(photos):
@@ -105,13 +138,47 @@ class PhotoClassifier(mlflow.pyfunc.PythonModel):
             except ImageError as exc:
                 out.loc[i, "error"] = f"{exc.reason}: {exc}"
         if arrays:
-            probs = self.predictor(np.stack(arrays))
+            probs, stats = self.predictor.with_features(np.stack(arrays))
             for i, p in zip(rows, probs):
                 out.loc[i, "label"] = self.class_names[int(p.argmax())]
                 out.loc[i, self.class_names] = p.astype(np.float64)
-        for c in self.class_names:  # a row not classified has no probabilities: null in JSON (NaN is not JSON)
+            if self.familiarity is not None:
+                from cleanmessy.familiarity import embed
+
+                features = embed(stats)
+                scores = self.familiarity.familiarity(self.familiarity.scores(features))
+                out.loc[rows, FAMILIARITY] = scores
+                out[UNFAMILIAR] = out[UNFAMILIAR].astype(object)
+                for i, flag in zip(rows, self.familiarity.unfamiliar(scores)):
+                    out.at[i, UNFAMILIAR] = bool(flag)
+                projections[rows] = self.familiarity.project(features)
+        for c in self.class_names:  # a row not classified has none: null in JSON (NaN is not JSON)
             out[c] = out[c].astype(object).where(out["error"] == "", None)
-        return out[output_columns(self.class_names)]
+        out[FAMILIARITY] = out[FAMILIARITY].astype(object).where(out[FAMILIARITY].notna(), None)
+        return out[output_columns(self.class_names)], projections
+
+    def log_requests(self, photos: list, out: pd.DataFrame, projections: np.ndarray) -> None:
+        """A JSON line per photo in the request log (requestlog.py): never the photo, its sha256.
+        A log that cannot be written (a full disk) is a warning; the answer still goes out."""
+        now, records = requestlog.now(), []
+        for i, row in enumerate(out.to_dict("records")):
+            data = _as_bytes(photos[i]) if i < len(photos) else None
+            classified = row["error"] == ""
+            measured = classified and self.familiarity is not None
+            records.append({
+                "time": now, "source": self.log_source, "model": self.served_as,
+                "sha256": hashlib.sha256(data).hexdigest() if data is not None else "",
+                "label": row["label"],
+                "probabilities": {c: round(float(row[c]), 6) for c in self.class_names} if classified else None,
+                FAMILIARITY: round(float(row[FAMILIARITY]), 6) if measured else None,
+                UNFAMILIAR: bool(row[UNFAMILIAR]) if measured else None,
+                "projection": ([round(float(v), 4) for v in projections[i]]
+                               if classified and projections.shape[1] else None),
+                "error": row["error"].split(":", 1)[0]})
+        try:
+            self.request_log.append(records)
+        except OSError as exc:
+            log.warning("request log %s not written: %s", self.request_log.path, exc.strerror or exc)
 
 
 class RegisteredBeforePhotoBytes(UserError):
@@ -164,11 +231,11 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def log_photo_classifier(keras_file: Path, card: str, config: dict[str, Any], example: bytes,
+def log_photo_classifier(keras_file: Path, familiarity_file: Path, card: str, config: dict[str, Any], example: bytes,
                          model_metadata: dict[str, Any]) -> Any:
     """Log the registered model to the active run (name "model"): PhotoClassifier as *models from
-    code* (registered_model.py), the package as its code, the Keras file and the model card as
-    artifacts, `config` (class names, image size, min_side, max_pixels) as its model config, a
+    code* (registered_model.py), the package as its code, the Keras file, the familiarity detector
+    and the model card as artifacts, `config` (class names, image size, min_side, max_pixels) as its model config, a
     signature of photo bytes in and label, probabilities and error out, `example` (one photo's
     bytes) as its input example, pinned requirements and `model_metadata` in its MLmodel; returns the
     ModelInfo."""
@@ -179,20 +246,30 @@ def log_photo_classifier(keras_file: Path, card: str, config: dict[str, Any], ex
 
     package = Path(__file__).parent
     outputs = [ColSpec(DataType.string, "label"), *(ColSpec(DataType.double, c) for c in config["class_names"]),
-               ColSpec(DataType.string, "error")]
+               ColSpec(DataType.double, FAMILIARITY, required=False),
+               ColSpec(DataType.boolean, UNFAMILIAR, required=False), ColSpec(DataType.string, "error")]
     signature = ModelSignature(inputs=Schema([ColSpec(DataType.binary, INPUT_COLUMN)]),
                                outputs=Schema(outputs))
     with tempfile.TemporaryDirectory(prefix="cleanmessy-card-") as folder:
         card_file = Path(folder) / "model_card.md"
         card_file.write_text(card)
-        return mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(package / "registered_model.py"),
-            artifacts={KERAS_ARTIFACT: str(keras_file), CARD_ARTIFACT: str(card_file)},
-            code_paths=[str(package)],
-            model_config=config,
-            signature=signature,
-            input_example=pd.DataFrame({INPUT_COLUMN: [example]}),
-            pip_requirements=pip_requirements(),
-            metadata=model_metadata,
-        )
+        # MLflow also logs the model config as run params; train logged `class_names` already, which
+        # MLflow would warn about on every run ("Failed to log model config as params"): not news.
+        config_log = logging.getLogger("mlflow.models.model")
+        level = config_log.level
+        config_log.setLevel(logging.ERROR)
+        try:
+            return mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(package / "registered_model.py"),
+                artifacts={KERAS_ARTIFACT: str(keras_file), FAMILIARITY_ARTIFACT: str(familiarity_file),
+                           CARD_ARTIFACT: str(card_file)},
+                code_paths=[str(package)],
+                model_config=config,
+                signature=signature,
+                input_example=pd.DataFrame({INPUT_COLUMN: [example]}),
+                pip_requirements=pip_requirements(),
+                metadata=model_metadata,
+            )
+        finally:
+            config_log.setLevel(level)

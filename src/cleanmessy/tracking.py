@@ -96,16 +96,18 @@ def store_lock(paths: Paths) -> Iterator[None]:
         os.close(lock)  # releases the lock
 
 
-def open_experiment(paths: Paths) -> str:
-    """`connect`, and make sure the experiment exists and is the active one; returns its id."""
+def open_experiment(paths: Paths, name: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """`connect`, and make sure the experiment exists and is the active one; returns its id. The
+    experiment is `name` (created with `tags`), by default $MLFLOW_EXPERIMENT_NAME or EXPERIMENT."""
     with store_lock(paths):
         uri = connect(paths)
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+        name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
         experiment = mlflow.get_experiment_by_name(name)  # creates and migrates a new database
         if experiment is None:
             # A local store keeps artifacts beside the database, under mlruns/artifacts.
             location = (paths.mlruns / "artifacts").as_uri() if uri.startswith("sqlite:") else None
-            experiment_id = mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+            experiment_id = mlflow.create_experiment(name, artifact_location=location,
+                                                     tags=EXPERIMENT_TAGS if tags is None else tags)
         else:
             experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)

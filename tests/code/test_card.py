@@ -58,6 +58,24 @@ def test_card_of_a_sample_model_says_it_never_saw_a_photo():
     assert "not meaningful" in card and "staged vs lived-in" not in card
 
 
+def test_card_reports_how_often_the_familiarity_flag_fires():
+    test = {"n": 60, "loss": 0.02, "accuracy": 1.0, "accuracy_ci95_low": 0.94, "accuracy_ci95_high": 1.0,
+            "roc_auc": 1.0, "macro_f1": 1.0,
+            "per_class": {c: {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 30} for c in ("clean", "messy")}}
+    report = {"source": "data/sample", "source_kind": "sample", "classes": {"clean": 300, "messy": 300}}
+    data = {**describe_data(report), "source": "data/sample", "split_sizes": {"train": 480, "val": 60, "test": 60},
+            "manifest_sha256": "cd" * 32}
+    familiarity = {"auroc": 0.9944, "flag_rate_in": 0.05, "flag_rate_out": 58 / 60, "flagged_in": 3, "n_in": 60,
+                   "flagged_out": 58, "n_out": 60, "familiarity_k": 5, "familiarity_alpha": 0.05,
+                   "by_kind": {"noise": {"n": 12, "flag_rate": 1.0}, "text": {"n": 12, "flag_rate": 11 / 12}}}
+    card = render_card("clean-vs-messy", data, {"train.arch": "seed_cnn"}, test, familiarity)
+    assert "## Familiarity" in card and "5th-nearest training photo" in card and "Below 5 %" in card
+    assert "Test split flagged: **5.0 %** (3/60)" in card
+    assert "**96.7 %**" in card and "(58/60: noise 100 %, text 92 %)" in card and "**0.994**" in card
+    assert card.index("## Familiarity") < card.index("## Known limits")
+    assert "## Familiarity" not in render_card("clean-vs-messy", data, {"train.arch": "seed_cnn"}, test)
+
+
 def test_describe_data_counts_and_kinds():
     assert describe_data({"source": "x.zip", "source_kind": "zip", "classes": {"clean": 3, "messy": 4}}) == {
         "kind": "zip", "family": "zip:x.zip", "description": "photos from the archive x.zip", "n_images": 7,

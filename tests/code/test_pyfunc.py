@@ -36,20 +36,27 @@ def classifier() -> pyfunc.PhotoClassifier:
     model = pyfunc.PhotoClassifier()
     model.class_names, model.image_size, model.min_side, model.max_pixels = ["clean", "messy"], 8, 16, 10_000
 
-    def forward(batch: np.ndarray) -> np.ndarray:
+    model.predictor = StandIn()
+    return model
+
+
+class StandIn:
+    """Inference.Predictor's `with_features`: "messy" in proportion to brightness; as features,
+    each channel's mean and standard deviation over the photo."""
+
+    def with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         assert batch.dtype == np.uint8 and batch.shape[1:] == (8, 8, 3)
         messy = batch.mean(axis=(1, 2, 3)) / 255.0
-        return np.stack([1 - messy, messy], axis=1).astype(np.float32)
-
-    model.predictor = forward
-    return model
+        stats = np.concatenate([batch.mean(axis=(1, 2)), batch.std(axis=(1, 2))], axis=1) + 1.0
+        return np.stack([1 - messy, messy], axis=1).astype(np.float32), stats.astype(np.float32)
 
 
 def test_every_row_is_answered_and_bad_rows_say_why(classifier):
     truncated = noise_png(64)[:3000]
     rows = [png(32, 200), b"not an image", truncated, png(8), png(200), png(32, 20), "text"]
     out = classifier.predict(None, pd.DataFrame({"image": rows}))
-    assert list(out.columns) == ["label", "clean", "messy", "error"] and len(out) == len(rows)
+    assert list(out.columns) == ["label", "clean", "messy", "familiarity", "unfamiliar", "error"]
+    assert len(out) == len(rows) and out["familiarity"].isna().all()  # no detector: not measured
     assert list(out["label"]) == ["messy", "", "", "", "", "clean", ""]
     assert out["messy"][0] == pytest.approx(200 / 255, abs=1e-6) and out["clean"][5] == pytest.approx(1 - 20 / 255)
     errors = list(out["error"])

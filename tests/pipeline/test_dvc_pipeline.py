@@ -23,7 +23,7 @@ from conftest import browser_page, run, screenshot, set_params
 STAGES = ["ingest", "split", "train", "evaluate", "plot"]
 PLOTS = ["samples.png", "training_curves.png", "confusion_matrix.png", "predictions.png", "misclassified.png"]
 MODEL = "clean-vs-messy"
-COMPARE_DROP = "Created|.*/|roc_auc|macro_f1|loss"  # as the README's `dvc exp show` for 100 columns
+COMPARE_DROP = "Created|.*/|roc_auc|auroc|flag_.*"  # as the README's `dvc exp show` for 100 columns
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +87,11 @@ def test_mlflow_run_holds_params_metrics_figures_and_lineage(tiny_project):
     for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
         assert [m.step for m in mlflow_client.get_metric_history(run_id, name)] == [1], name
     assert "accuracy" not in mlflow_run.data.metrics and "loss" not in mlflow_run.data.metrics
+    ood = json.loads((project / "pipeline/ood.json").read_text())
+    assert mlflow_run.data.metrics["ood_auroc"] == pytest.approx(ood["auroc"], abs=1e-6)
+    assert mlflow_run.data.metrics["ood_flag_rate_in"] == pytest.approx(ood["flag_in"], abs=1e-6)
+    assert mlflow_run.data.metrics["ood_flag_rate_out"] == pytest.approx(ood["flag_out"], abs=1e-6)
+    assert params["familiarity_k"] == "5" and params["familiarity_alpha"] == "0.05"
     test = evaluation(project)
     assert mlflow_run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
     assert "test_recall_messy" in mlflow_run.data.metrics
@@ -167,16 +172,22 @@ def test_training_again_on_the_same_machine_is_byte_identical(own_project):
 
 
 def test_dvc_metrics_show_reads_the_headline_metrics_at_100_columns(tiny_project):
-    """metrics.json holds six headline test metrics; `dvc metrics show` prints them in 100 columns."""
+    """metrics.json holds four headline test metrics, ood.json the familiarity detector's three;
+    `dvc metrics show` prints them in 100 columns."""
     project, _ = tiny_project
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
-    data = next(iter(shown.values()))["data"]["pipeline/metrics.json"]["data"]
+    files = next(iter(shown.values()))["data"]
+    data = files["pipeline/metrics.json"]["data"]
     test = evaluation(project)
-    assert set(data) == {"accuracy", "ci95_low", "ci95_high", "roc_auc", "macro_f1", "loss"}
+    assert set(data) == {"accuracy", "ci95_low", "ci95_high", "roc_auc"}
     assert data["accuracy"] == pytest.approx(test["accuracy"]) and data["ci95_low"] == test["accuracy_ci95_low"]
+    ood = files["pipeline/ood.json"]["data"]
+    report = json.loads((project / "pipeline/evaluation.json").read_text())["familiarity"]
+    assert set(ood) == {"auroc", "flag_in", "flag_out"} and ood["auroc"] == pytest.approx(report["auroc"], abs=1e-6)
+    assert report["n_in"] == len(pd.read_csv(project / "data/splits/test.csv")) and report["n_out"] >= 60
     table = run(["dvc", "metrics", "show"], project, COLUMNS="100").stdout
     assert max(len(line) for line in table.splitlines()) <= 100, table
-    assert "ci95_high" in table
+    assert "ci95_high" in table and "flag_out" in table
 
 
 def test_plot_param_change_reruns_only_plot(own_project):

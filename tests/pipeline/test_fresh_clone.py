@@ -53,7 +53,8 @@ def clone(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 
 # What training writes that git tracks: on a CPU other than the committer's, TensorFlow's kernels
 # can round differently, so these may differ from the commit (the README says so). Nothing else may.
-TRAINING_OUTPUTS = {"dvc.lock", "pipeline/metrics.json", "pipeline/evaluation.json", "pipeline/history.csv",
+TRAINING_OUTPUTS = {"dvc.lock", "pipeline/metrics.json", "pipeline/ood.json", "pipeline/evaluation.json",
+                    "pipeline/history.csv",
                     "pipeline/predictions.csv", "pipeline/plots/training_curves.png",
                     "pipeline/plots/confusion_matrix.png", "pipeline/plots/predictions.png",
                     "pipeline/plots/misclassified.png"}
@@ -98,7 +99,8 @@ def test_output_is_the_projects_own_progress(clone):
 def test_dvc_metrics_show_in_the_activated_venv(clone):
     folder, _ = clone
     table = sh("dvc metrics show", folder, activated=True, COLUMNS="100").stdout
-    assert table.splitlines()[0].split() == ["Path", "accuracy", "ci95_high", "ci95_low", "loss", "macro_f1", "roc_auc"]
+    assert table.splitlines()[0].split() == ["Path", "accuracy", "auroc", "ci95_high", "ci95_low", "flag_in", "flag_out",
+                                             "roc_auc"]
     assert max(map(len, table.splitlines())) <= 100
 
 

@@ -102,8 +102,9 @@ def cli_predictions(project: Path, files: list[Path], tmp_path: Path) -> pd.Data
 
 def assert_same(rest: dict, row: pd.Series | dict, classes: list[str] = CLASSES) -> None:
     assert rest["label"] == row["label"] and rest["error"] == "", (rest, row)
-    for name in classes:
+    for name in (*classes, "familiarity"):
         assert rest[name] == pytest.approx(row[name], abs=1e-6), (name, rest, row)
+    assert rest["unfamiliar"] is bool(row["unfamiliar"]), (rest, row)
 
 
 def jpeg(path: Path, size: int | None = None) -> bytes:
@@ -180,8 +181,34 @@ def test_the_readme_request_answers_as_predict_does(api, images, tmp_path):
     answer = json.loads(result.stdout)
     assert list(answer) == ["predictions"] and len(answer["predictions"]) == 1
     (row,) = answer["predictions"]
-    assert list(row) == ["label", *CLASSES, "error"]
+    assert list(row) == ["label", *CLASSES, "familiarity", "unfamiliar", "error"]
     assert_same(row, cli_predictions(project, [tmp_path / "photo.jpg"], tmp_path).iloc[0])
+
+
+def test_the_rest_server_logs_each_photo_it_classified(api, images):
+    """`make api` logs to the project's data/served/requests.jsonl: one line per photo, naming the
+    version, the photo's sha256 and the answer, never the photo."""
+    import hashlib
+
+    from cleanmessy import requestlog
+
+    project, url, _, _ = api
+    photo = jpeg(images[3], 80)
+    (answer,) = predictions(url, [photo])
+    log = project / requestlog.DEFAULT_PATH
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        records, bad = requestlog.read(log)
+        mine = [r for r in records if r["sha256"] == hashlib.sha256(photo).hexdigest()]
+        if mine:
+            break
+        time.sleep(0.2)
+    assert bad == 0 and len(mine) == 1, records[-3:]
+    (line,) = mine
+    assert line["source"] == "rest" and line["model"] == f"{MODEL}/1" and line["label"] == answer["label"]
+    assert line["familiarity"] == pytest.approx(answer["familiarity"], abs=1e-6)
+    assert line["unfamiliar"] is answer["unfamiliar"] and len(line["projection"]) > 0
+    assert base64.b64encode(photo)[:40].decode() not in log.read_text()
 
 
 def test_a_request_mixing_good_and_bad_rows_answers_every_row(api, images):
@@ -201,7 +228,7 @@ def test_a_request_mixing_good_and_bad_rows_answers_every_row(api, images):
     assert [r.split(":")[0] for r in reasons] == ["not_an_image", "truncated", "too_small", "too_large"], reasons
     assert reasons[2] == "too_small: 4x4 is smaller than 32 px on a side"
     for row in rows[1:5]:
-        assert row["label"] == "" and all(row[c] is None for c in CLASSES), row
+        assert row["label"] == "" and all(row[c] is None for c in (*CLASSES, "familiarity", "unfamiliar")), row
         assert "\n" not in row["error"] and "Traceback" not in row["error"] and "/" not in row["error"], row
 
 

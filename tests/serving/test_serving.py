@@ -274,7 +274,13 @@ def test_browser_upload_shows_label_and_heat_map(app, photos, tmp_path):
         expect(heat).to_be_visible(timeout=30_000)
         assert heat.evaluate("img => img.naturalWidth") > 0
         expect(page.locator("#status")).to_have_text("")
+        # Beside the label, how familiar the photo is (a tiny model's 16 training photos are too few to
+        # flag any photo at 5 %: the unfamiliar warning is tested on a fresh clone's full model).
+        familiar = page.locator("#familiarity")
+        expect(familiar).to_contain_text("Like the photos this model was trained on (familiarity")
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        page.locator("#photo input[type=file]").set_input_files(str(photos["clean"]))  # a new photo: line gone
+        expect(familiar).to_be_hidden(timeout=15_000)
         browser.close()
 
 
@@ -337,12 +343,15 @@ def test_predict_cli_reports_bad_files_per_row(tiny_project, photos, tmp_path):
     bad = _bad_files(tmp_path, photos["messy"])
     files = [photos["clean"], bad["not an image"][0], bad["truncated"][0], tmp_path / "missing.jpg", photos["messy"]]
     frame = cli_predictions(project, files, tmp_path)
-    assert list(frame.columns) == ["path", "label", "clean", "messy", "error", "model", "trained_on"]
+    assert list(frame.columns) == ["path", "label", "clean", "messy", "familiarity", "unfamiliar", "error", "model",
+                                   "trained_on"]
     assert len(frame) == 5
     assert frame["error"][0] == "" and frame["error"][4] == ""
     assert frame["error"][1].startswith("not_an_image") and frame["error"][2].startswith("truncated")
     assert "No such file" in frame["error"][3]
     assert frame["clean"][0] + frame["messy"][0] == pytest.approx(1.0, abs=1e-5)
+    assert 0 < frame["familiarity"][0] <= 1 and frame["unfamiliar"][0] in (True, False)
+    assert frame[["familiarity", "unfamiliar"]].iloc[1:4].isna().all().all()  # not classified: not measured
 
 
 def test_predict_table_fits_100_columns(tiny_project, photos, tmp_path):
@@ -451,7 +460,8 @@ def test_predict_a_folder_writes_every_photo_to_the_csv(tiny_project, photos, tm
     assert (frame["error"] == "").all() and set(frame["label"]) <= {"clean", "messy"}
     # What the model knows: the CSV names the model and its training data, and stderr warns, as the
     # app does, that a sample-trained model has never seen a photo (in lines that fit 100 columns).
-    assert list(frame.columns) == ["path", "label", "clean", "messy", "error", "model", "trained_on"]
+    assert list(frame.columns) == ["path", "label", "clean", "messy", "familiarity", "unfamiliar", "error", "model",
+                                   "trained_on"]
     assert set(frame["trained_on"]) == {"sample"} and set(frame["model"]) == {"models:/clean-vs-messy/1"}
     assert "predict: warning: models:/clean-vs-messy/1: Not trained on photos." in result.stderr
     warning = result.stderr[result.stderr.index("predict: warning"):result.stderr.index("predict: wrote")]
@@ -566,3 +576,17 @@ def test_the_app_follows_its_alias_in_the_browser(own_project, tmp_path):
         assert info["version"] == str(second.version) and "could not be loaded" in info["load_error"]
         page.screenshot(path=str(tmp_path / "load-failed.png"), full_page=True)
         browser.close()
+
+
+def test_feedback_is_off_unless_asked_for(app):
+    """Without --feedback (tests/serving/test_feedback_loop.py has it on): the page has no
+    correction buttons or note, and POST /feedback is 404; nothing is kept."""
+    project, url, _ = app
+    request = urllib.request.Request(f"{url}feedback", data=b"label=clean", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(request, timeout=10)
+    assert missing.value.code == 404
+    with urllib.request.urlopen(f"{url}config", timeout=10) as response:
+        config = response.read().decode()
+    assert "feedback-note" not in config and "Wrong?" not in config and "feedback-clean" not in config
+    assert not (project / "data/feedback/corrections.jsonl").exists()

@@ -22,7 +22,16 @@ from PIL import Image, UnidentifiedImageError
 from cleanmessy import card
 from cleanmessy.errors import UserError
 from cleanmessy.images import DEFAULT_MAX_PIXELS, ImageError, open_rgb
+from cleanmessy.requestlog import RequestLog
 from cleanmessy.serving.explain import overlay
+from cleanmessy.serving.feedback import (
+    NOT_A_ROOM,
+    FeedbackError,
+    FeedbackStore,
+    feedback_confirmation,
+    feedback_route,
+    record_correction,
+)
 from cleanmessy.serving.follow import DEFAULT_POLL_SECONDS, ModelFollower
 from cleanmessy.serving.model import DEFAULT_MIN_SIDE, ServedModel
 
@@ -33,6 +42,8 @@ CSS = """
 #data-warning { border: 2px solid #d97706; border-radius: 8px; padding: 0.25em 1em; background: #fef3c7; }
 #data-warning * { color: #78350f !important; }
 #status p { font-weight: 600; color: #b91c1c; }
+#familiarity.unfamiliar { border: 2px solid #b91c1c; border-radius: 8px; padding: 0.25em 1em; background: #fee2e2; }
+#familiarity.unfamiliar * { color: #7f1d1d !important; }
 #photo img, #heatmap img { width: 100%; height: 100%; object-fit: contain; }
 """
 
@@ -130,6 +141,19 @@ def info_markdown(info: dict) -> str:
     return f"{text}\n\n{training_markdown(info)}"
 
 
+UNFAMILIAR_WARNING = "Unlike the photos this model was trained on; don't trust this label."
+
+
+def familiarity_markdown(familiarity: float | None, unfamiliar: bool | None, alpha: float) -> str:
+    """The line under the label: a warning when the photo is unfamiliar, else how familiar it is."""
+    if familiarity is None:
+        return "Familiarity: not measured (this version was registered before the pipeline measured it)."
+    score = f"familiarity {familiarity * 100:.1f} %, flagged below {alpha * 100:.0f} %"
+    if unfamiliar:
+        return f"**⚠ {UNFAMILIAR_WARNING}** This photo is unlike every training photo ({score})."
+    return f"Like the photos this model was trained on ({score})."
+
+
 NOT_AN_IMAGE = "not an image this app can read; try a JPEG or PNG photo"
 NO_PHOTO = "Upload or paste a photo first."
 NO_CARD = "No model card was logged with this version."
@@ -173,10 +197,66 @@ def example_photos(served: ServedModel, folder: Path, per_class: int = 2, side: 
     return out
 
 
+FEEDBACK_NOTE = ("**Feedback is on.** If a label is wrong, say so with the buttons under the result: the photos "
+                 "you correct are kept in this project (`data/feedback/`) to retrain the model at its next "
+                 "`dvc repro`.")
+
+
+def feedback_store() -> FeedbackStore:
+    """The project's `data/feedback` (for `serve --feedback`); a UserError outside a project."""
+    from cleanmessy.project import project_paths
+
+    try:
+        paths = project_paths()
+    except UserError as exc:
+        raise UserError(f"--feedback keeps corrections in the project's data/feedback: {exc}") from None
+    return FeedbackStore(paths.feedback, paths.root)
+
+
+def feedback_ui(store: FeedbackStore, follower: ModelFollower, photo: gr.Image, label: gr.Label,
+                max_pixels: int) -> None:
+    """`serve --feedback`, inside build_app's Blocks: the note that corrected photos are kept, the
+    "Wrong? It is ..." buttons (one per class and "not a room", shown once a photo has a label) and
+    the confirmation line. A click sends only the photo and the chosen label: the server classifies
+    the photo again with the model it serves (record_correction), whatever the page showed."""
+    gr.Markdown(FEEDBACK_NOTE, elem_id="feedback-note")
+    with gr.Row(visible=False, elem_id="feedback") as buttons_row:
+        gr.Markdown("**Wrong?** It is:", elem_id="feedback-question")
+        choices = {**{name: name for name in follower.current.class_names}, NOT_A_ROOM: "not a room"}
+        buttons = {name: gr.Button(text, size="sm", elem_id=f"feedback-{name}") for name, text in choices.items()}
+    confirmation = gr.Markdown("", elem_id="feedback-status")
+
+    def correct(photo_path: str | None, chosen: str) -> str:
+        if not photo_path:
+            return NO_PHOTO
+        try:
+            kept = record_correction(store, follower.current, Path(photo_path).read_bytes(), chosen, max_pixels)
+        except FeedbackError as exc:
+            log.warning("feedback refused: %s", exc)
+            return f"Not kept ({exc})."
+        except OSError as exc:  # the upload vanished from Gradio's cache, a full disk
+            log.warning("feedback not kept: %s", exc)
+            return f"Not kept: {exc.strerror or exc}."
+        return feedback_confirmation(kept.label, kept.relative, kept.new)
+
+    def shown(value) -> tuple:
+        return gr.Row(visible=bool(value)), ""
+
+    # The buttons follow the label: shown when a photo has one, hidden with a new photo (the page
+    # empties the label in the browser, which fires no change event) or none.
+    label.change(shown, label, [buttons_row, confirmation], show_progress="hidden", api_visibility="private")
+    for gone in (photo.upload, photo.clear):
+        gone(lambda: shown(None), None, [buttons_row, confirmation], show_progress="hidden", api_visibility="private")
+    for name, button in buttons.items():
+        button.click(lambda path, chosen=name: correct(path, chosen), photo, confirmation,
+                     show_progress="minimal", api_visibility="private")
+
+
 def build_app(follower: ModelFollower, examples: list[str], max_pixels: int = DEFAULT_MAX_PIXELS,
-              delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
+              delete_cache: tuple[int, int] | None = None, feedback: FeedbackStore | None = None) -> gr.Blocks:
     """The app over `follower.current`: each request takes the model served at that moment, and the
-    model panel follows it (refreshed on page load and on a timer while the app follows an alias)."""
+    model panel follows it (refreshed on page load and on a timer while the app follows an alias).
+    With `feedback` (`serve --feedback`), corrections are offered and kept there (feedback_ui)."""
     class_names = follower.current.class_names  # the page's label has a row per class
     examples_of = follower.current.data_manifest_sha256  # the data the examples come from
 
@@ -197,6 +277,14 @@ def build_app(follower: ModelFollower, examples: list[str], max_pixels: int = DE
         probs, cam = served.explain(photo)
         return {c: float(p) for c, p in zip(served.class_names, probs)}, overlay(photo, cam)
 
+    def familiarity_of(photo_path: str, served: ServedModel):
+        """The registered model's own answer for the uploaded file (as the REST server gives it, and
+        logged to the request log): the familiarity line and whether to show it as a warning."""
+        row = served.classify([Path(photo_path).read_bytes()]).iloc[0]
+        alpha = served.classifier.familiarity.alpha if served.has_familiarity else 0.0
+        text = familiarity_markdown(row["familiarity"], row["unfamiliar"], alpha)
+        return gr.Markdown(text, elem_classes=["unfamiliar"] if row["unfamiliar"] else [], visible=True)
+
     def check_upload(photo_path: str | None):
         """On upload: a file that cannot be classified is removed from the input (no broken-image
         icon) and the reason shown at once."""
@@ -209,15 +297,16 @@ def build_app(follower: ModelFollower, examples: list[str], max_pixels: int = DE
         return gr.skip(), gr.skip()
 
     def classify_in_browser(photo_path: str | None):
-        """The Classify button: mistakes become a message under the button, not an error state."""
+        """The Classify button: mistakes become a message under the button, not an error state;
+        the familiarity line (a warning for an unfamiliar photo) stays beside the label."""
         if not photo_path:
-            return None, None, NO_PHOTO
+            return None, None, gr.Markdown(visible=False), NO_PHOTO
         served = follower.current
         try:
             photo = open_photo(photo_path, served)
         except ImageError as exc:
-            return None, None, refuse(photo_path, exc)
-        return *predict(photo, served), ""
+            return None, None, gr.Markdown(visible=False), refuse(photo_path, exc)
+        return *predict(photo, served), familiarity_of(photo_path, served), ""
 
     def classify(photo_path: str | None):
         """The `/predict` API: a file that cannot be classified is an error with the reason."""
@@ -228,6 +317,8 @@ def build_app(follower: ModelFollower, examples: list[str], max_pixels: int = DE
             photo = open_photo(photo_path, served)
         except ImageError as exc:
             raise gr.Error(refuse(photo_path, exc), print_exception=False) from None
+        if served.classifier.request_log is not None:  # logged as the browser's are (the answer is the same)
+            served.classify([Path(photo_path).read_bytes()])
         return predict(photo, served)
 
     def model_info() -> dict:
@@ -260,15 +351,22 @@ def build_app(follower: ModelFollower, examples: list[str], max_pixels: int = DE
                 gallery = gr.Examples(examples, inputs=photo, label=examples_label) if examples else None
             with gr.Column():
                 label = gr.Label(num_top_classes=len(class_names), label="Prediction", elem_id="label")
+                familiar = gr.Markdown("", elem_id="familiarity", visible=False)
                 # JPEG: 0.2 ms to encode a 256 px overlay against 7 ms for Gradio's default WebP.
                 heat = HeatMapOutput(type="pil", format="jpeg", label='Grad-CAM: regions that drove the "messy" score',
                                 elem_id="heatmap", interactive=False, height=PANEL_HEIGHT)
+        # ---- feedback (`serve --feedback`; feedback_ui): nothing of it without the option ----
+        if feedback is not None:
+            feedback_ui(feedback, follower, photo, label, max_pixels)
+        # ---- end of feedback ----
         # A new photo: the old results and message go at once, in the browser (a server round trip
         # could land after a quick Classify), then the server checks the file.
         photo.upload(None, None, [label, heat, status], js="() => [null, null, '']")
+        photo.upload(lambda: gr.Markdown(visible=False), None, familiar, show_progress="hidden", queue=False,
+                     api_visibility="private")
         photo.upload(check_upload, photo, [photo, status], show_progress="hidden", api_visibility="private")
         photo.clear(lambda: "", None, status, show_progress="hidden", api_visibility="private")
-        submit.click(classify_in_browser, photo, [label, heat, status], show_progress_on=[label, heat],
+        submit.click(classify_in_browser, photo, [label, heat, familiar, status], show_progress_on=[label, heat],
                      api_visibility="private")
         # Programmatic clients (gradio_client) call /predict: same inputs and outputs, errors as errors.
         # The browser never triggers it; the hidden button only carries the endpoint.
@@ -320,25 +418,34 @@ def auth_from(value: str | None) -> tuple[str, str] | None:
 
 
 def serve(model_uri: str, host: str, port: int, auth: str | None, max_pixels: int, upload_ttl: int = 900,
-          poll_seconds: float = DEFAULT_POLL_SECONDS) -> None:
+          poll_seconds: float = DEFAULT_POLL_SECONDS, request_log: RequestLog | None = None,
+          feedback: bool = False) -> None:
     """Load the model, warm it up, then serve until interrupted; an alias is checked every
     `poll_seconds` and a moved one loaded (ModelFollower). Uploads are deleted `upload_ttl` seconds
-    after they arrive, so anonymous users cannot fill the disk."""
+    after they arrive, so anonymous users cannot fill the disk. With `feedback`, corrections are
+    offered in the page and at `POST /feedback`, and kept in the project's data/feedback."""
     credentials = auth_from(auth)
-    follower = ModelFollower(model_uri, poll_seconds)
+    store = feedback_store() if feedback else None
+    follower = ModelFollower(model_uri, poll_seconds, load=lambda uri: ServedModel.load(uri, request_log))
     examples_dir = Path(tempfile.mkdtemp(prefix="cleanmessy-examples-"))
     atexit.register(shutil.rmtree, examples_dir, ignore_errors=True)
     examples = example_photos(follower.current, examples_dir)
-    demo = build_app(follower, examples, max_pixels, delete_cache=(upload_ttl, upload_ttl))
+    demo = build_app(follower, examples, max_pixels, delete_cache=(upload_ttl, upload_ttl), feedback=store)
+    # POST /feedback, on the app before it serves (a route added after launch could miss early requests)
+    routes = [feedback_route(store, lambda: follower.current, max_pixels)] if store is not None else []
     demo.queue(default_concurrency_limit=2)
     try:
         demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False,
                     auth=LoginLimiter(*credentials) if credentials else None,
                     max_file_size=MAX_UPLOAD, allowed_paths=[str(examples_dir)], show_error=True,
-                    quiet=True, enable_monitoring=False, css=CSS, prevent_thread_lock=True)
+                    quiet=True, enable_monitoring=False, css=CSS, prevent_thread_lock=True,
+                    app_kwargs={"routes": routes})
     except OSError:  # Gradio says "Cannot find empty port" for both causes
         raise UserError(f"cannot serve on {host}:{port}: the port is in use, or {host} is not an address of "
                         "this machine; choose another --port (or --host)") from None
     follower.start()
     log.info("serving on http://%s:%d", host, port)
+    if store is not None:
+        log.info("feedback on: corrections are kept in %s (POST http://%s:%d/feedback too)", store.relative(store.root),
+                 host, port)
     demo.block_thread()

@@ -14,6 +14,7 @@ from cleanmessy import interrupts, tracking
 from cleanmessy.images import to_model_input
 from cleanmessy.params import IngestParams
 from cleanmessy.pyfunc import INPUT_COLUMN, PhotoClassifier
+from cleanmessy.requestlog import RequestLog
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,16 @@ class ServedModel:
     data_manifest_sha256: str = ""  # the ingested data's manifest hash its training run recorded
 
     @classmethod
-    def load(cls, model_uri: str) -> ServedModel:
-        """Resolve `model_uri` in the configured registry, download and load that exact version."""
+    def load(cls, model_uri: str, request_log: RequestLog | None = None) -> ServedModel:
+        """Resolve `model_uri` in the configured registry, download and load that exact version;
+        with `request_log`, every photo it classifies is logged there as the app's."""
         from cleanmessy.pyfunc import load_photo_classifier
 
         version = tracking.resolve_version(model_uri)
         local, meta = tracking.download_version(version.uri)
         classifier = load_photo_classifier(local, version.uri)
+        classifier.request_log, classifier.log_source = request_log, "app"
+        classifier.served_as = f"{version.name}/{version.version}"
         training_data = _training_data(meta)
         if training_data and not training_data["family"]:  # registered before the metadata held it
             training_data["family"] = tracking.version_family(version.tags)
@@ -79,9 +83,18 @@ class ServedModel:
     def keras_model(self):
         return self.classifier.keras_model
 
-    def classify(self, photos: list) -> pd.DataFrame:
-        """The registered model's answer for photos' bytes: `label`, a probability per class and
-        `error` per row, exactly as the REST server gives it."""
+    @property
+    def has_familiarity(self) -> bool:
+        """Whether this version scores familiarity (versions registered before it do not)."""
+        return self.classifier.familiarity is not None
+
+    def classify(self, photos: list, log: bool = True) -> pd.DataFrame:
+        """The registered model's answer for photos' bytes: `label`, a probability per class,
+        `familiarity`, `unfamiliar` and `error` per row, exactly as the REST server gives it;
+        logged when serving with a request log, unless `log` is False (a photo classified again
+        to record a correction was logged when it was first classified)."""
+        if not log:
+            return self.classifier.classify(photos)[0]
         return self.classifier.predict(None, pd.DataFrame({INPUT_COLUMN: photos}))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:

@@ -1,10 +1,11 @@
 """`cleanmessy predict PATH...`: classify photos with a registered model, in batches.
 
 Unreadable files, and photos smaller than the model's `min_side`, get a row with the reason in
-`error`; they never stop the batch. Every row names the model and the data it was trained on; a
-model trained on the synthetic sample is also warned about on stderr. The printed table fits a
-100-column terminal: failed rows show their reason code, the full reasons are listed under the
-table (and kept whole in the --out CSV)."""
+`error`; they never stop the batch. Every photo gets its `familiarity` (familiarity.py), and a
+photo unlike the model's training photos the status `unfamiliar`. Every row names the model and
+the data it was trained on; a model trained on the synthetic sample is also warned about on stderr.
+The printed table fits a 100-column terminal: failed rows show their reason code, the full reasons
+are listed under the table (and kept whole in the --out CSV)."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def predict_files(served: ServedModel, files: list[Path], batch_size: int = 32) 
             rows.loc[i, "error"] = reason
         rows.insert(0, "path", [str(p) for p in chunk])
         frames.append(rows)
-    columns = ["path", "label", *served.class_names, "error"]
+    columns = ["path", "label", *served.class_names, "familiarity", "unfamiliar", "error"]
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     # Which model, trained on which data (card.data_family), with every row: a CSV outlives the run.
     frame["model"] = served.version.uri
@@ -86,16 +87,18 @@ def render(frame: pd.DataFrame, class_names: list[str], width: int = WIDTH) -> s
     (unless there are too many classes for it): long paths are shortened in the table, from the
     front, and wrapped below it."""
     errors = frame["error"].astype(str)
-    status = [e.split(":", 1)[0] if e else "ok" for e in errors]  # the reason code: not_an_image, too_small, ...
+    # the reason code (not_an_image, too_small, ...); "unfamiliar" for a photo unlike the training photos
+    status = [e.split(":", 1)[0] if e else "unfamiliar" if flag is True else "ok"
+              for e, flag in zip(errors, frame["unfamiliar"])]
     columns = {"label": frame["label"].astype(str).tolist(), "status": status}
-    for c in class_names:
-        columns[c] = ["" if pd.isna(v) else f"{v:.4f}" for v in frame[c]]
+    for c in (*class_names, "familiarity"):
+        columns[c] = ["" if v is None or pd.isna(v) else f"{v:.4f}" for v in frame[c]]
     widths = {name: max(len(name), *(len(v) for v in values)) for name, values in columns.items()}
     path_width = max(16, width - sum(widths.values()) - 2 * len(widths))
     paths = [_shorten(str(p), path_width) for p in frame["path"]]
     path_width = max(len("path"), *(len(p) for p in paths))
-    order = ["label", *class_names, "status"]
-    right = set(class_names)
+    order = ["label", *class_names, "familiarity", "status"]
+    right = {*class_names, "familiarity"}
 
     def line(path: str, values: dict[str, str]) -> str:
         cells = [path.ljust(path_width)] + [values[n].rjust(widths[n]) if n in right else values[n].ljust(widths[n])
@@ -141,6 +144,10 @@ def run(paths: list[Path], model_uri: Callable[[], str], out: Path | None, batch
         except OSError as exc:
             raise UserError(f"cannot write --out {out}: {exc.strerror or exc}") from None
         print(f"predict: wrote {len(frame)} rows to {out}", file=sys.stderr)
+    unfamiliar = int((frame["unfamiliar"] == True).sum())  # noqa: E712 (None for rows not classified)
+    if unfamiliar:
+        print(textwrap.fill(f"predict: {unfamiliar} of {len(frame)} photos are unlike the photos this model was "
+                            "trained on (status unfamiliar): don't trust their labels", WIDTH), file=sys.stderr)
     failed = int((frame["error"] != "").sum())
     if failed:
         print(f"predict: {failed} of {len(frame)} files could not be classified (reasons under the table)",

@@ -15,9 +15,10 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
-from cleanmessy import tracking
+from cleanmessy import familiarity, ood, tracking
 from cleanmessy.card import describe_data, render_card, wilson_interval
 from cleanmessy.errors import UserError
+from cleanmessy.images import ImageError, open_rgb, to_model_input
 from cleanmessy.inference import Predictor, load_model_file
 from cleanmessy.inputs import ModelSpec, label_indices, read_split
 from cleanmessy.lineage import manifest_hash
@@ -89,15 +90,63 @@ def prediction_frame(frame: pd.DataFrame, probs: np.ndarray, class_names: list[s
 
 
 # pipeline/metrics.json's names -> the test evaluation's. Few and short, so that `dvc metrics
-# show` and `dvc exp show` fit 100 columns; the rest is in pipeline/evaluation.json.
+# show` (with pipeline/ood.json's three) fits 100 columns; the rest (loss, macro F1, per class) is in
+# pipeline/evaluation.json and the MLflow run.
 HEADLINE = {"accuracy": "accuracy", "ci95_low": "accuracy_ci95_low", "ci95_high": "accuracy_ci95_high",
-            "roc_auc": "roc_auc", "macro_f1": "macro_f1", "loss": "loss"}
+            "roc_auc": "roc_auc"}
+OOD_HEADLINE = {"auroc": "auroc", "flag_in": "flag_rate_in", "flag_out": "flag_rate_out"}  # pipeline/ood.json
 
 
 def headline(test: dict[str, Any]) -> dict[str, Any]:
     """The test metrics pipeline/metrics.json holds (all on the test split): accuracy and its 95 %
-    interval, ROC AUC, macro F1, loss."""
+    interval, ROC AUC."""
     return {name: None if test[key] is None else round(test[key], 6) for name, key in HEADLINE.items()}
+
+
+def ood_headline(report: dict[str, Any]) -> dict[str, Any]:
+    """pipeline/ood.json: the detector's AUROC and its flag rates on the test split and the OOD set."""
+    return {name: None if report[key] is None else round(report[key], 6) for name, key in OOD_HEADLINE.items()}
+
+
+def ood_set(trained_on_sample: bool, not_a_room: list[Path], image_size: int,
+            seed: int) -> tuple[np.ndarray, list[str]]:
+    """The out-of-distribution pictures as model inputs, and each one's kind: ood.pictures (made in
+    code) and the photos users marked "not a room" (an unreadable one is skipped)."""
+    arrays, kinds = [], []
+    for kind, picture in ood.pictures(trained_on_sample, seed):
+        arrays.append(to_model_input(picture, image_size))
+        kinds.append(kind)
+    for file in not_a_room:
+        try:
+            photo, _ = open_rgb(file)
+        except (ImageError, OSError):
+            continue
+        arrays.append(to_model_input(photo, image_size))
+        kinds.append("feedback")
+    return np.stack(arrays), kinds
+
+
+def familiarity_report(detector: familiarity.Familiarity, in_features: np.ndarray, out_features: np.ndarray,
+                       kinds: list[str]) -> dict[str, Any]:
+    """How well the detector tells the test split (in-distribution) from the OOD set: AUROC of the
+    scores, the share of each flagged, and the flag rate of each kind of OOD picture."""
+    in_scores, out_scores = detector.scores(in_features), detector.scores(out_features)
+    in_flags = detector.unfamiliar(detector.familiarity(in_scores))
+    out_flags = detector.unfamiliar(detector.familiarity(out_scores))
+    by_kind = {}
+    for kind in dict.fromkeys(kinds):
+        mask = np.array([k == kind for k in kinds])
+        by_kind[kind] = {"n": int(mask.sum()), "flag_rate": float(out_flags[mask].mean())}
+    return {"auroc": familiarity.auroc(in_scores, out_scores),
+            "flag_rate_in": float(in_flags.mean()) if len(in_flags) else None,
+            "flag_rate_out": float(out_flags.mean()) if len(out_flags) else None,
+            "n_in": int(len(in_scores)), "n_out": int(len(out_scores)), "flagged_in": int(in_flags.sum()),
+            "flagged_out": int(out_flags.sum()), **detector.summary(), "by_kind": by_kind}
+
+
+def ood_mlflow_metrics(report: dict[str, Any]) -> dict[str, float]:
+    names = {"ood_auroc": "auroc", "ood_flag_rate_in": "flag_rate_in", "ood_flag_rate_out": "flag_rate_out"}
+    return {name: float(report[key]) for name, key in names.items() if report[key] is not None}
 
 
 def compare_with_production(name: str, family: str, test_frame: pd.DataFrame, correct: np.ndarray, root: Path,
@@ -172,7 +221,7 @@ def log_and_register(spec: ModelSpec, test_frame: pd.DataFrame, paths: Paths, te
               "max_pixels": params.ingest.max_pixels}
     example = (paths.root / test_frame["path"].iloc[0]).read_bytes()  # a test photo, as a client sends it
     with contextlib.redirect_stdout(io.StringIO()):  # MLflow's input-example check prints progress bars
-        info = log_photo_classifier(paths.model, card, config, example,
+        info = log_photo_classifier(paths.model, paths.familiarity, card, config, example,
                                              {**config, "training_data": training_data})
     # The few tags the registry's versions table shows; the run has the whole lineage.
     tags = {"data_family": training_data["family"], "test_images": str(test["n"]),
@@ -188,25 +237,46 @@ def log_and_register(spec: ModelSpec, test_frame: pd.DataFrame, paths: Paths, te
     return promotion
 
 
+def not_a_room_photos(paths: Paths) -> list[Path]:
+    """The photos users marked "not a room" (data/feedback/not-a-room), in name order."""
+    from cleanmessy.images import is_image_name
+
+    folder = paths.not_a_room
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_name(p)) if folder.is_dir() else []
+
+
 def main(paths: Paths, params: Params) -> None:
     spec = ModelSpec.load(paths.run_info)
     test_frame = read_split(paths.split_csv("test"))
     data = card_data(paths, json.loads(paths.ingest_report.read_text()))
     training_data = {k: data[k] for k in ("kind", "family", "description", "n_images", "classes")}
     model = load_model_file(paths.model)
+    detector = familiarity.Familiarity.load(paths.familiarity)
     # All in the training run: if anything fails, MLflow marks the run FAILED and nothing is registered.
     with tracking.resume_training_run(paths) as run_id:
         y_true = label_indices(test_frame, spec.class_names)
-        probs = Predictor(model, spec.image_size, params.train.batch_size).predict_split(test_frame, paths.root)
+        predictor = Predictor(model, spec.image_size, params.train.batch_size)
+        probs, stats = predictor.split_with_features(test_frame, paths.root)
         test = compute_metrics(y_true, probs, spec.class_names)
         log.info("evaluate: test accuracy %.4f [%.4f, %.4f] on %d images, loss %.4f", test["accuracy"],
                  test["accuracy_ci95_low"], test["accuracy_ci95_high"], test["n"], test["loss"])
+        # The same OOD set for every model (its own seed, not base.seed): figures compare across runs.
+        pictures, kinds = ood_set(data["kind"] == "sample", not_a_room_photos(paths), spec.image_size, seed=0)
+        _, ood_stats = predictor.with_features(pictures)
+        unfamiliar = familiarity_report(detector, familiarity.embed(stats), familiarity.embed(ood_stats), kinds)
+        log.info("evaluate: familiarity flags %d of %d test photos (%.1f %%) and %d of %d out-of-distribution "
+                 "pictures (%.1f %%); AUROC %.3f", unfamiliar["flagged_in"], unfamiliar["n_in"],
+                 100 * (unfamiliar["flag_rate_in"] or 0), unfamiliar["flagged_out"], unfamiliar["n_out"],
+                 100 * (unfamiliar["flag_rate_out"] or 0), unfamiliar["auroc"] or float("nan"))
+        mlflow.log_metrics(ood_mlflow_metrics(unfamiliar))
         card = render_card(params.evaluate.model_name, data,
-                           {"base.image_size": spec.image_size, **used_train_params(params.train)}, test)
+                           {"base.image_size": spec.image_size, **used_train_params(params.train)}, test,
+                           unfamiliar)
         promotion = log_and_register(spec, test_frame, paths, test, probs.argmax(axis=1) == y_true,
                                      card, run_id, params, training_data)
     paths.metrics.write_text(json.dumps(headline(test), indent=2) + "\n")
-    paths.evaluation.write_text(json.dumps({"test": test}, indent=2) + "\n")
+    paths.ood_metrics.write_text(json.dumps(ood_headline(unfamiliar), indent=2) + "\n")
+    paths.evaluation.write_text(json.dumps({"test": test, "familiarity": unfamiliar}, indent=2) + "\n")
     prediction_frame(test_frame, probs, spec.class_names).to_csv(paths.predictions, index=False)
     # Nothing run-specific here (no version, run id or model hash): the file only has to exist, so
     # switching revisions (`dvc exp apply`) does not register the same model again (Paths.registered).

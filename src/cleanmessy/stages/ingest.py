@@ -38,16 +38,15 @@ import pandas as pd
 from cleanmessy import sample
 from cleanmessy.console import progress
 from cleanmessy.errors import UserError
-from cleanmessy.images import ImageError, open_rgb
+from cleanmessy.images import FORMAT_SUFFIX, ImageError, open_rgb
 from cleanmessy.parallel import ordered_map, usable_cpus
 from cleanmessy.params import IngestParams, Params
-from cleanmessy.project import Paths, scratch_dir
+from cleanmessy.project import FEEDBACK_NOT_A_ROOM, Paths, scratch_dir
 
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height", "format", "original_split", "source_path"]
-FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
 
 Reader = Callable[[], bytes]
 
@@ -482,6 +481,121 @@ def source_files(source: str, sha256: str, root: Path, workdir: Path,
     return kind, _strip_common_root(list(_walk_zip(archive))), []
 
 
+# ---------------------------------------------------------------- feedback (the app's corrections)
+
+FEEDBACK_SHOWN = 5  # feedback conflicts and rejections printed one line each; the rest are counted
+
+
+def _check_feedback(entry: tuple[str, Reader], params: IngestParams) -> Accepted | Rejected:
+    """One feedback photo (`<class>/<file>`), checked as a source file is; nothing is written."""
+    name, read = entry
+    label = name.split("/", 1)[0]
+    try:
+        data = read()
+    except Refused as exc:
+        return Rejected(name, label, exc.reason, str(exc))
+    return check_file(name, label, "", data, params)
+
+
+def _log_bounded(lines: list[str], what: str) -> None:
+    for line in lines[:FEEDBACK_SHOWN]:
+        log.warning("%s", line)
+    if len(lines) > FEEDBACK_SHOWN:
+        log.warning("ingest: ... and %d more feedback %s (see ingest_report.json)", len(lines) - FEEDBACK_SHOWN, what)
+
+
+def merge_feedback(folder: Path, folder_rel: str, table: AcceptedTable, kept: np.ndarray, classes: Iterable[str],
+                   params: IngestParams, staging: Path, workers: int) -> tuple[np.ndarray, dict | None]:
+    """Add the photos of `folder`'s class folders (`<class>/<file>`, the classes of the ingested
+    source; `not-a-room/` and other folders are not training data) to the ingested data: checked as
+    source files are, written under `staging`, appended to `table` and to `kept` (returned). Left
+    out, and reported: a photo whose content the data already has under the same label
+    (`duplicates`), a content the data has under another label or that feedback gives two labels,
+    `not-a-room` included (`conflicts`: never merged, whatever the majority), a file that is no
+    usable image (`rejections`). The report is None when the folder holds no photo for a class and
+    no other folder than `not-a-room/` (then the ingest report is what it is without feedback)."""
+    classes = set(classes)
+    listing, _ = walk_folder(folder)
+    entries: list[tuple[str, Reader]] = []
+    not_a_room: list[tuple[str, Reader]] = []
+    ignored: set[str] = set()
+    for i in range(len(listing)):
+        name, read = listing[i]
+        parts = name.split("/")
+        if len(parts) == 2 and parts[0] in classes:
+            entries.append((name, read))
+        elif len(parts) == 2 and parts[0] == FEEDBACK_NOT_A_ROOM:
+            not_a_room.append((name, read))
+        elif len(parts) >= 2 and parts[0] != FEEDBACK_NOT_A_ROOM:
+            ignored.add("/".join(parts[:-1]))
+    if not entries and not ignored:
+        return kept, None
+    outcomes = list(ordered_map(partial(_check_feedback, params=params), entries, workers, "feedback"))
+    good = [o for o in outcomes if isinstance(o, Accepted)]
+    rejected = [o for o in outcomes if isinstance(o, Rejected)]
+    # A photo also corrected to "not a room" contradicts its class: those are hashed (not decoded).
+    not_a_room_paths: dict[str, list[str]] = {}
+    for name, read in not_a_room:
+        try:
+            not_a_room_paths.setdefault(hashlib.sha256(read()).hexdigest(), []).append(f"{folder_rel}/{name}")
+        except Refused:
+            continue
+    # The labels the ingested data (every checked source file) gives each feedback content.
+    data_labels: dict[str, set[str]] = {}
+    if good and len(table):
+        wanted = np.array(sorted({bytes.fromhex(a.sha256) for a in good}), dtype="S32")
+        for row in np.flatnonzero(np.isin(table.digest_array(), wanted)):
+            record = table.record(int(row))
+            data_labels.setdefault(record.sha256, set()).add(record.label)
+    by_hash: dict[str, list[Accepted]] = {}
+    for a in sorted(good, key=lambda a: a.source_path):
+        by_hash.setdefault(a.sha256, []).append(a)
+    merged: list[Accepted] = []
+    duplicates: list[dict] = []
+    conflicts: list[dict] = []
+    for sha256, copies in by_hash.items():
+        given = sorted({c.label for c in copies} | ({FEEDBACK_NOT_A_ROOM} if sha256 in not_a_room_paths else set()))
+        known = sorted(data_labels.get(sha256, ()))
+        paths = [f"{folder_rel}/{c.source_path}" for c in copies]
+        if len(given) > 1 or (known and known != given):
+            conflicts.append({"sha256": sha256, "feedback_labels": given, "data_labels": known,
+                              "paths": sorted(paths + not_a_room_paths.get(sha256, []))})
+            continue
+        first = 0 if known else 1
+        if not known:
+            merged.append(copies[0])
+        for c, path in zip(copies[first:], paths[first:], strict=True):
+            duplicates.append({"path": path, "sha256": sha256, "label": c.label,
+                               "same_as": "the source" if known else paths[0]})
+    readers = dict(entries)
+    new_rows = []
+    for a in merged:
+        _store(a, readers[a.source_path](), staging)
+        table.add(Accepted(f"{folder_rel}/{a.source_path}", a.label, "", a.sha256, a.width, a.height, a.format))
+        new_rows.append(len(table) - 1)
+    counts = Counter(a.label for a in merged)
+    report = {
+        "folder": folder_rel,
+        "photos": len(entries),
+        "used": len(merged),
+        "classes": dict(sorted(counts.items())),
+        "duplicates": duplicates,
+        "conflicts": conflicts,
+        "rejections": [{**asdict(r), "source_path": f"{folder_rel}/{r.source_path}"} for r in rejected],
+        "ignored_folders": sorted(ignored),
+    }
+    _log_bounded([f"ingest: feedback {', '.join(c['paths'])} is labelled {' and '.join(c['feedback_labels'])}"
+                  + (f", the data has it as {' and '.join(c['data_labels'])}" if c["data_labels"] else "")
+                  + f" (sha256 {c['sha256'][:16]}): not merged" for c in conflicts], "conflicts")
+    _log_bounded([f"ingest: feedback {folder_rel}/{r.source_path} left out: {r.reason} ({r.detail})"
+                  for r in rejected], "rejections")
+    for name in sorted(ignored):
+        log.warning("ingest: feedback folder %s/%s/ is not a class of this data: ignored", folder_rel, name)
+    log.info("ingest: %d feedback photos merged (%s), %d duplicates, %d conflicts, %d rejected", len(merged),
+             dict(report["classes"]), len(duplicates), len(conflicts), len(rejected))
+    return np.concatenate([kept, np.array(new_rows, dtype=kept.dtype)]), report
+
+
 # ---------------------------------------------------------------- stage
 
 
@@ -572,12 +686,16 @@ def _check_all(files: Sequence[tuple[str, Reader]], params: IngestParams, stagin
 
 def run_ingest(files: Iterable[tuple[str | PurePosixPath, Reader]], params: IngestParams,
                images_dir: Path, images_rel: str, empty_folders: list[str] = (),
-               workers: int | None = None) -> IngestResult:
+               workers: int | None = None, feedback: Path | None = None,
+               feedback_rel: str = "data/feedback") -> IngestResult:
     """Validate `files`, copy the accepted ones into `images_dir`, and describe what happened.
     Files are checked and copied on `workers` threads (default: one per usable CPU); the result
     is the same whatever their number. What is kept per file is its name in the source's
     listing and a fixed-size record (see AcceptedTable), ~150 bytes: a `cleanmessy ingest` of 1k
-    photos peaks at 0.13 GiB RSS, of 100k at 0.17 GiB (0.28 when records were objects)."""
+    photos peaks at 0.13 GiB RSS, of 100k at 0.17 GiB (0.28 when records were objects).
+    `feedback`: the app's corrections folder (`feedback_rel` in the project), merged after the
+    source (merge_feedback): its photos count in "accepted" and "classes" (the images in the
+    data; "files" and "rejected" are the source's), its own report is "feedback"."""
     if not isinstance(files, Sequence):
         files = list(files)
     # Each file is read once: an accepted one is written as soon as it is checked, into a hidden
@@ -598,6 +716,11 @@ def run_ingest(files: Iterable[tuple[str | PurePosixPath, Reader]], params: Inge
         check_classes(classes, rejected, empty_folders)
         for conflict in conflicts:
             (staging / conflict).unlink()  # content under two labels: every copy is left out
+        feedback_report = None
+        if feedback is not None and feedback.is_dir():
+            kept, feedback_report = merge_feedback(feedback, feedback_rel, accepted, kept, classes, params, staging,
+                                                   workers or usable_cpus())
+            classes = accepted.counts(kept, accepted.labels, accepted.label_codes)
         if images_dir.exists():
             shutil.rmtree(images_dir)
         staging.rename(images_dir)
@@ -616,6 +739,8 @@ def run_ingest(files: Iterable[tuple[str | PurePosixPath, Reader]], params: Inge
         "skipped_outside_class_folders": skipped,
         "empty_folders": list(empty_folders),
     }
+    if feedback_report is not None:
+        report["feedback"] = feedback_report
     return IngestResult(report, accepted, manifest_order(accepted, kept), images_rel)
 
 
@@ -625,7 +750,8 @@ def main(paths: Paths, params: Params) -> None:
     with tempfile.TemporaryDirectory(prefix="ingest-", dir=scratch_dir(paths.root)) as tmp:
         kind, files, empty = source_files(p.source, p.sha256, paths.root, Path(tmp), paths.images)
         log.info("ingest: %d files from %s source %s", len(files), kind, p.source)
-        result = run_ingest(files, p, paths.images, paths.images.relative_to(paths.root).as_posix(), empty)
+        result = run_ingest(files, p, paths.images, paths.images.relative_to(paths.root).as_posix(), empty,
+                            feedback=paths.feedback, feedback_rel=paths.feedback.relative_to(paths.root).as_posix())
     paths.manifest.parent.mkdir(parents=True, exist_ok=True)
     result.write_manifest(paths.manifest)
     report = {"source": p.source, "source_kind": kind, **result.report}

@@ -18,9 +18,10 @@ from datetime import datetime
 import mlflow
 import pandas as pd
 
-from cleanmessy import tracking
+from cleanmessy import familiarity, tracking
 from cleanmessy.card import describe_data
 from cleanmessy.distribute import Task, check_same_inputs, make_strategy
+from cleanmessy.inference import Predictor
 from cleanmessy.inputs import ModelSpec, read_split
 from cleanmessy.lineage import lineage_tags, manifest_hash, run_name
 from cleanmessy.models import build_model, save_model
@@ -66,6 +67,22 @@ def train_as_worker(frames: tuple[pd.DataFrame, pd.DataFrame], params: Params, p
     log.info("train: worker %d of %d done", task.index, task.workers)
 
 
+def fit_familiarity(model, train_frame: pd.DataFrame, paths: Paths, image_size: int, batch_size: int,
+                    seed: int) -> familiarity.Familiarity:
+    """The familiarity detector of the trained model: its features of the training photos,
+    calibrated leave-one-out (familiarity.fit)."""
+    _, stats = Predictor(model, image_size, batch_size).split_with_features(train_frame, paths.root)
+    detector = familiarity.fit(familiarity.embed(stats), seed=seed)
+    if detector.can_flag:
+        log.info("train: familiarity detector of %d training photos: unfamiliar beyond distance %.4f to the %d-th "
+                 "nearest (%.0f %% of training photos, each left out)", len(detector.bank), detector.threshold,
+                 detector.k, detector.alpha * 100)
+    else:
+        log.warning("train: familiarity detector of %d training photos flags no photo: at least %d are needed to "
+                    "flag at %.0f %%", len(detector.bank), detector.min_photos, detector.alpha * 100)
+    return detector
+
+
 def main(paths: Paths, params: Params) -> None:
     b, p = params.base, params.train
     train_frame, val_frame = read_split(paths.split_csv("train")), read_split(paths.split_csv("val"))
@@ -96,7 +113,9 @@ def main(paths: Paths, params: Params) -> None:
                  f", {replicas} replicas on {task.workers} worker(s)" if strategy else "")
         mlflow.log_params({"base.seed": b.seed, "base.image_size": b.image_size, **used_train_params(p),
                            "n_train": len(train_frame), "n_val": len(val_frame), "class_names": ",".join(class_names),
-                           "replicas": replicas})
+                           "replicas": replicas,
+                           # the app's corrections ingest merged into the data (data/feedback)
+                           "feedback_images": report.get("feedback", {}).get("used", 0)})
         tracking.log_manifest(pd.read_csv(paths.manifest, keep_default_na=False), report["source"],
                               f"{data['kind']}-manifest", manifest_sha256)
         tracking.log_training_images(list(train_frame["sha256"]) + list(val_frame["sha256"]))
@@ -106,8 +125,11 @@ def main(paths: Paths, params: Params) -> None:
         mlflow.log_metric("train_seconds", time.perf_counter() - started)
         best = int(history["val_loss"].idxmin())
         mlflow.log_metrics({"train_best_epoch": best + 1, "train_epochs_run": len(history)})
+        detector = fit_familiarity(model, train_frame, paths, b.image_size, p.batch_size, b.seed)
+        mlflow.log_params(detector.summary())
         paths.model.parent.mkdir(parents=True, exist_ok=True)
         save_model(model, paths.model)
+        detector.save(paths.familiarity)
         history.to_csv(paths.history, index=False)
         ModelSpec(class_names, b.image_size).save(paths.run_info)
         tracking.remember_training_run(paths, run.info.run_id)
