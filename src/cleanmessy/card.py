@@ -76,7 +76,7 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return round(max(0.0, centre - half), 6), round(min(1.0, centre + half), 6)
 
 
-def _ordinal(n: int) -> str:
+def ordinal(n: int) -> str:
     return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
@@ -90,7 +90,7 @@ def familiarity_section(report: dict[str, Any] | None) -> str:
     return f"""
 ## Familiarity
 Every answer carries a `familiarity` score: the share of training photos (each left out) that are at
-least as far from their {_ordinal(report['familiarity_k'])}-nearest training photo, in the model's features,
+least as far from their {ordinal(report['familiarity_k'])}-nearest training photo, in the model's features,
 as this photo is from its own. Below {report['familiarity_alpha'] * 100:.0f} % the photo is flagged
 `unfamiliar`: unlike the photos this model was trained on, so its label is not to be trusted.
 - Test split flagged: **{report['flag_rate_in'] * 100:.1f} %** ({report['flagged_in']}/{report['n_in']})

@@ -7,16 +7,22 @@ classified now) with that version's training data, in three checks:
   rate it flags photos like its training photos: the version's measured in-distribution flag rate
   on its test split (`ood_flag_rate_in`) or, where that is lower or not recorded, the detector's
   `alpha`. A one-sided exact binomial test: fewer flags than expected is no alarm.
-- **Label mix.** The labels given, against the training photos' class proportions: an exact
-  binomial test for two classes, a chi-square test for more (a seeded Monte Carlo of the
-  chi-square statistic when an expected count is under 5).
+- **Label mix.** The labels the model gives these photos, against the labels it gave its own test
+  split (the columns of the confusion matrix in its run's evaluation.json): Fisher's exact test
+  for two classes, a chi-square test for more (its exact permutation distribution by Monte Carlo
+  when an expected count is under 5). Not against the training labels themselves: a model that
+  errs towards one class would show a moved mix on photos exactly like its training photos (the
+  tiny test model labels every photo clean). A version whose run has no evaluation.json is
+  compared with its training class proportions (goodness of fit, the same tests).
 - **Features.** The photos' features on the detector's principal axes (a few numbers per photo,
   as the request log keeps them), against the training photos' own: the maximum mean discrepancy
   (MMD) with a Gaussian kernel whose width is the median distance (the median heuristic), and a
   permutation p-value (seeded; each side subsampled to at most `MAX_ROWS` rows, so time and
   memory are bounded). MMD rather than a classifier's AUC: no model to fit per permutation and no
   hyperparameter beyond the kernel width, a test that is exact under its permutation null at any
-  sample size (a model trained on 14 photos has a bank of 14), and it is deterministic.
+  sample size (a model trained on 16 photos has a bank of 16), and it is deterministic. The
+  permutation p-value cannot go below 1 / (PERMUTATIONS + 1) = 0.002, under the Bonferroni
+  threshold of three checks (0.0033).
 
 **The rule.** Drift when any check's p-value is below `LEVEL` (0.01) divided by the number of
 checks that ran (Bonferroni): the chance of a false alarm on photos like the training photos is at
@@ -485,30 +491,28 @@ def compare(recent: Recent, reference: Reference, level: float = LEVEL, min_requ
     runs = [expected is not None and n_scored > 0,
             bool(reference.class_counts or reference.test_label_counts) and recent.n > 0,
             reference.projections is not None and recent.projections is not None]
+
+    def run_checks(threshold: float) -> tuple[Check, ...]:
+        return (flag_rate_check(n_flagged, n_scored, expected, threshold, reference.flag_rate_source),
+                label_mix_check(counts, reference.class_counts, threshold, seed, reference.test_label_counts),
+                features_check(recent.projections, reference.projections, threshold, permutations, max_rows, seed))
+
     threshold = level / max(1, sum(runs))  # the checks that can run: their count sets the threshold
-    checks = (flag_rate_check(n_flagged, n_scored, expected, threshold, reference.flag_rate_source),
-              label_mix_check(counts, reference.class_counts, threshold, seed, reference.test_label_counts),
-              features_check(recent.projections, reference.projections, threshold, permutations, max_rows, seed))
-    ran = sum(c.ran for c in checks)
-    if ran != sum(runs):  # a check found it could not run after all: the threshold follows the ones that did
+    checks = run_checks(threshold)
+    if (ran := sum(c.ran for c in checks)) != sum(runs):  # one could not after all (NaN rows, other dimensions)
         threshold = level / max(1, ran)
-        checks = tuple(_at_threshold(c, threshold) for c in checks)
+        checks = run_checks(threshold)
     if recent.n < min_requests:
         verdict = NOT_ENOUGH
     else:
         verdict = DRIFT if any(c.drift for c in checks) else NO_DRIFT
     return Report(verdict=verdict, n=recent.n, n_errors=recent.n_errors, checks=checks, level=level,
                   threshold=threshold, min_requests=min_requests, permutations=permutations, n_flagged=n_flagged,
-                  n_scored=n_scored,
-                  expected_flag_rate=expected, flag_rate_source=reference.flag_rate_source,
+                  n_scored=n_scored, expected_flag_rate=expected, flag_rate_source=reference.flag_rate_source,
                   label_counts={**{c: 0 for c in (reference.test_label_counts or reference.class_counts or {})},
                                 **counts},
                   training_counts=dict(reference.class_counts) if reference.class_counts else None,
                   test_label_counts=dict(reference.test_label_counts) if reference.test_label_counts else None)
-
-
-def _at_threshold(check: Check, threshold: float) -> Check:
-    return replace(check, drift=check.p_value is not None and check.p_value < threshold)
 
 
 # ---------------------------------------------------------------- choosing log lines

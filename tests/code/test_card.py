@@ -44,14 +44,20 @@ def test_card_states_data_params_interval_recall_and_limits():
     assert "staged vs lived-in" in card and "synthetic" not in card
 
 
-def test_card_of_a_sample_model_says_it_never_saw_a_photo():
-    """A model trained on the embedded sample says so, and its limits are about that data."""
+def sample_model() -> tuple[dict, dict]:
+    """The test results and data description of a model trained on the embedded sample."""
     test = {"n": 60, "loss": 0.02, "accuracy": 1.0, "accuracy_ci95_low": 0.94, "accuracy_ci95_high": 1.0,
             "roc_auc": 1.0, "macro_f1": 1.0,
             "per_class": {c: {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 30} for c in ("clean", "messy")}}
     report = {"source": "data/sample", "source_kind": "sample", "classes": {"clean": 300, "messy": 300}}
     data = {**describe_data(report), "source": "data/sample", "split_sizes": {"train": 480, "val": 60, "test": 60},
             "manifest_sha256": "cd" * 32}
+    return test, data
+
+
+def test_card_of_a_sample_model_says_it_never_saw_a_photo():
+    """A model trained on the embedded sample says so, and its limits are about that data."""
+    test, data = sample_model()
     card = render_card("clean-vs-messy", data, {"train.arch": "seed_cnn"}, test)
     assert ("Trained on the embedded synthetic sample: cartoon rooms drawn by the project's generator, "
             "not photos.") in card
@@ -59,12 +65,7 @@ def test_card_of_a_sample_model_says_it_never_saw_a_photo():
 
 
 def test_card_reports_how_often_the_familiarity_flag_fires():
-    test = {"n": 60, "loss": 0.02, "accuracy": 1.0, "accuracy_ci95_low": 0.94, "accuracy_ci95_high": 1.0,
-            "roc_auc": 1.0, "macro_f1": 1.0,
-            "per_class": {c: {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 30} for c in ("clean", "messy")}}
-    report = {"source": "data/sample", "source_kind": "sample", "classes": {"clean": 300, "messy": 300}}
-    data = {**describe_data(report), "source": "data/sample", "split_sizes": {"train": 480, "val": 60, "test": 60},
-            "manifest_sha256": "cd" * 32}
+    test, data = sample_model()
     familiarity = {"auroc": 0.9944, "flag_rate_in": 0.05, "flag_rate_out": 58 / 60, "flagged_in": 3, "n_in": 60,
                    "flagged_out": 58, "n_out": 60, "familiarity_k": 5, "familiarity_alpha": 0.05,
                    "by_kind": {"noise": {"n": 12, "flag_rate": 1.0}, "text": {"n": 12, "flag_rate": 11 / 12}}}

@@ -291,3 +291,12 @@ def test_compare_prefers_the_test_splits_labels():
     report = compare(recent, tested)
     assert not report.check(LABEL_MIX).drift and report.verdict == NO_DRIFT
     assert report.test_label_counts == {"clean": 5, "messy": 19}
+
+
+def test_the_bonferroni_threshold_counts_the_checks_that_ran():
+    recent = in_distribution(100, seed=12)
+    unrecorded = Recent(recent.labels, recent.familiarity, recent.unfamiliar, np.full((100, 8), np.nan))
+    report = compare(unrecorded, reference())
+    assert not report.check(FEATURES).ran and report.threshold == pytest.approx(0.01 / 2)
+    other_dims = Recent(recent.labels, recent.familiarity, recent.unfamiliar, recent.projections[:, :3])
+    assert compare(other_dims, reference()).threshold == pytest.approx(0.01 / 2)

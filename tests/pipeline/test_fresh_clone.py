@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -99,8 +100,8 @@ def test_output_is_the_projects_own_progress(clone):
 def test_dvc_metrics_show_in_the_activated_venv(clone):
     folder, _ = clone
     table = sh("dvc metrics show", folder, activated=True, COLUMNS="100").stdout
-    assert table.splitlines()[0].split() == ["Path", "accuracy", "auroc", "ci95_high", "ci95_low", "flag_in", "flag_out",
-                                             "roc_auc"]
+    header = ["Path", "accuracy", "auroc", "ci95_high", "ci95_low", "flag_in", "flag_out", "roc_auc"]
+    assert table.splitlines()[0].split() == header
     assert max(map(len, table.splitlines())) <= 100
 
 
@@ -179,6 +180,78 @@ def test_make_api_answers_the_readme_request_for_a_photo(clone, tmp_path):
     assert row["error"] == "" and row["label"] in ("clean", "messy"), row
     assert row["clean"] + row["messy"] == pytest.approx(1.0, abs=1e-5)
     assert "serving models:/clean-vs-messy/1 on " in ready and "resolved at start" in ready
+
+
+def test_make_serve_with_feedback_flags_a_real_photo_and_dvc_repro_learns_its_correction(clone, tmp_path):
+    """Issue 20's promise on a fresh clone after `make run`: `make serve FEEDBACK=on`; a real room
+    photo (generated noise where ../shared has none) gets the persistent "unlike the photos this
+    model was trained on" warning beside its label, and is logged; its correction, clicked in the
+    browser, is kept under data/feedback/<label>/; the next `make run` (`dvc repro`) reruns ingest
+    and train, and the photo is in the training data's manifest."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from cleanmessy import requestlog
+
+    folder, _ = clone
+    real = sorted(REAL_PHOTOS.rglob("*.png")) if REAL_PHOTOS.is_dir() else []
+    if real:
+        photo, label = real[0], real[0].parent.name
+    else:
+        photo, label = tmp_path / "noise.png", "messy"
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(photo)
+    digest = hashlib.sha256(photo.read_bytes()).hexdigest()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    with server(f"make serve SERVE_PORT={port} FEEDBACK=on", folder, tmp_path / "serve.log", url, user_env(folder)):
+        with browser_page() as page:
+            page.goto(url)
+            expect(page.locator("#model-info")).to_contain_text("clean-vs-messy", timeout=30_000)
+            page.locator("#photo input[type=file]").set_input_files(str(photo))
+            page.locator("#classify").click()
+            familiar = page.locator("#familiarity")
+            expect(familiar).to_contain_text("Unlike the photos this model was trained on; don't trust this label",
+                                             timeout=30_000)
+            assert "unfamiliar" in (familiar.get_attribute("class") or "")
+            page.wait_for_timeout(3000)  # a toast would be gone by now: the warning stays beside the label
+            expect(familiar).to_be_visible()
+            screenshot(page, tmp_path / "unfamiliar.png")
+            page.locator(f"#feedback-{label}").click()
+            expect(page.locator("#feedback-status")).to_contain_text(f"data/feedback/{label}/{digest}.png",
+                                                                     timeout=30_000)
+    assert (folder / f"data/feedback/{label}/{digest}.png").read_bytes() == photo.read_bytes()
+    records, _ = requestlog.read(folder / requestlog.DEFAULT_PATH)
+    (line,) = [r for r in records if r["sha256"] == digest]
+    assert line["unfamiliar"] is True and line["model"] == "clean-vs-messy/1" and line["source"] == "app"
+
+    # The README's monitoring lines, as they are: the log's one request is not enough to judge; a
+    # folder of 30 real photos (noise without ../shared) is drift for the sample-trained model.
+    monitored = sh("cleanmessy monitor", folder, activated=True)
+    assert monitored.stdout.startswith("monitor: not enough data — 1 classified photos"), monitored.stdout
+    new = folder / "new-photos"
+    new.mkdir()
+    for i, source in enumerate(real[::6][:30]):
+        (new / f"{i}.png").write_bytes(source.read_bytes())
+    for i in range(0 if real else 30):
+        pixels = np.random.default_rng(i).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(new / f"{i}.png")
+    drift = subprocess.run("cleanmessy monitor --photos new-photos/ --fail-on-drift", shell=True, cwd=folder,
+                           env=user_env(folder, activated=True), capture_output=True, text=True)
+    assert drift.returncode == 1 and drift.stdout.startswith("monitor: drift — "), drift.stdout + drift.stderr
+    assert "experiment clean-vs-messy-monitoring" in drift.stdout
+    shutil.rmtree(new)
+
+    result = sh("make run", folder)
+    ran = re.findall(r"Running stage '(\w+)'", result.stdout)
+    assert {"ingest", "train"} <= set(ran), result.stdout[-3000:]
+    manifest = pd.read_csv(folder / "data/manifest.csv")
+    (row,) = manifest[manifest["sha256"] == digest].itertuples()
+    assert row.label == label
+    report = json.loads((folder / "data/ingest_report.json").read_text())
+    assert report["feedback"]["used"] == 1
 
 
 @requires_real_photos

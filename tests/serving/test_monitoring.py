@@ -140,7 +140,15 @@ print(model.label)
 
 
 def test_request_log(project, tmp_path):
-    log, later = tmp_path / "served" / "requests.jsonl", tmp_path / "later.jsonl"
+    """The project's own request log (data/served/requests.jsonl, removed after), written by the model."""
+    log, later = project / "data" / "served" / "requests.jsonl", tmp_path / "later.jsonl"
+    try:
+        check_request_log(project, tmp_path, log, later)
+    finally:
+        shutil.rmtree(log.parent, ignore_errors=True)
+
+
+def check_request_log(project: Path, tmp_path: Path, log: Path, later: Path) -> None:
     like = like_training(project, tmp_path / "like", n=40, first=3000)
     other = tmp_path / "other"
     other.mkdir()
@@ -155,7 +163,7 @@ def test_request_log(project, tmp_path):
     log.write_text("".join(json.dumps(line) + "\n" for line in [*older, *lines[:20]]) + '{"time": "2026-'
                    + "\n" + "".join(json.dumps(line) + "\n" for line in lines[20:]))
 
-    result = monitor(project, "--log", str(log), "--fail-on-drift")
+    result = monitor(project)  # the project's request log, by default
     verdict, details = result.stdout.splitlines()[:2]
     assert verdict.startswith("monitor: no drift — 40 photos"), result.stdout
     assert "(lines skipped: 5 of other versions, 1 unreadable)" in details
@@ -176,7 +184,8 @@ def test_request_log(project, tmp_path):
     assert len(gone.stderr.strip().splitlines()) == 1 and "has no version 0" in gone.stderr
 
 
-def test_user_mistakes_are_one_line_errors(project, tmp_path):
+def test_user_mistakes_are_one_line_errors(own_project, tmp_path):
+    project = own_project
     missing = monitor(project, check_rc=2)  # no request log in the project yet
     assert missing.stderr.strip().splitlines() == [
         f"cleanmessy monitor: error: no request log at {project / 'data/served/requests.jsonl'}: servers write it "

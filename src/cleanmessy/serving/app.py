@@ -150,7 +150,8 @@ def familiarity_markdown(familiarity: float | None, unfamiliar: bool | None, alp
         return "Familiarity: not measured (this version was registered before the pipeline measured it)."
     score = f"familiarity {familiarity * 100:.1f} %, flagged below {alpha * 100:.0f} %"
     if unfamiliar:
-        return f"**⚠ {UNFAMILIAR_WARNING}** This photo is unlike every training photo ({score})."
+        return (f"**⚠ {UNFAMILIAR_WARNING}** Only {familiarity * 100:.1f} % of the training photos are as far "
+                f"from the others as this photo is from them (flagged below {alpha * 100:.0f} %).")
     return f"Like the photos this model was trained on ({score})."
 
 

@@ -19,7 +19,7 @@ import mlflow
 import pandas as pd
 
 from cleanmessy import familiarity, tracking
-from cleanmessy.card import describe_data
+from cleanmessy.card import describe_data, ordinal
 from cleanmessy.distribute import Task, check_same_inputs, make_strategy
 from cleanmessy.inference import Predictor
 from cleanmessy.inputs import ModelSpec, read_split
@@ -74,9 +74,9 @@ def fit_familiarity(model, train_frame: pd.DataFrame, paths: Paths, image_size: 
     _, stats = Predictor(model, image_size, batch_size).split_with_features(train_frame, paths.root)
     detector = familiarity.fit(familiarity.embed(stats), seed=seed)
     if detector.can_flag:
-        log.info("train: familiarity detector of %d training photos: unfamiliar beyond distance %.4f to the %d-th "
+        log.info("train: familiarity detector of %d training photos: unfamiliar beyond distance %.4f to the %s "
                  "nearest (%.0f %% of training photos, each left out)", len(detector.bank), detector.threshold,
-                 detector.k, detector.alpha * 100)
+                 ordinal(detector.k), detector.alpha * 100)
     else:
         log.warning("train: familiarity detector of %d training photos flags no photo: at least %d are needed to "
                     "flag at %.0f %%", len(detector.bank), detector.min_photos, detector.alpha * 100)
