@@ -124,7 +124,8 @@ def test_model_is_registered_with_staging_and_production(tiny_project):
 
 def test_registered_model_takes_photo_bytes_and_predicts_like_the_pipeline(tiny_project):
     """`models:/clean-vs-messy@production` is a pyfunc MLflow loads by itself: its signature takes
-    one binary column `image` and answers label, a probability per class and error; MLflow wrote
+    one binary column `image` and answers label, a probability per class, familiarity, unfamiliar
+    and error (the familiarity detector is an artifact of the model); MLflow wrote
     the input example users copy; on the test photos' bytes it gives evaluate's probabilities."""
     import json
 
@@ -139,13 +140,15 @@ def test_registered_model_takes_photo_bytes_and_predicts_like_the_pipeline(tiny_
     assert model.metadata.metadata["class_names"] == ["clean", "messy"]
     signature = model.metadata.signature
     assert [(c.name, c.type.name) for c in signature.inputs.inputs] == [("image", "binary")]
-    assert [c.name for c in signature.outputs.inputs] == ["label", "clean", "messy", "error"]
+    assert [c.name for c in signature.outputs.inputs] == ["label", "clean", "messy", "familiarity", "unfamiliar",
+                                                          "error"]
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}@production"))
     example = json.loads((local / "serving_input_example.json").read_text())
     assert example["dataframe_split"]["columns"] == ["image"]  # base64, the form the scoring server decodes
     assert (local / "code" / "cleanmessy" / "pyfunc.py").is_file() and not list(local.rglob("*.pkl"))
     out = model.predict(pd.DataFrame({"image": [(project / p).read_bytes() for p in preds["path"]]}))
     assert (out["error"] == "").all() and list(out["label"]) == list(preds["predicted"])
+    assert (local / "artifacts" / "familiarity.npz").is_file() and out["familiarity"].between(0, 1).all()
     assert out["messy"].to_numpy() == pytest.approx(preds["p_messy"].to_numpy(), abs=1e-5)
 
 
