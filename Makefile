@@ -19,6 +19,7 @@ setup: $(UV)
 	$(UV) sync --frozen
 
 run: setup
+	$(RUN) cleanmessy check   # what DVC would choke on: a params alias bomb, a named pipe in the source
 	$(RUN) dvc repro
 
 # Debian's Chromium for the browser tests (Playwright drives it; no browser download).

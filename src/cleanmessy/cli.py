@@ -105,6 +105,27 @@ def _connect_and_choose_model(args: argparse.Namespace) -> str:
     return tracking.model_uri_for(name, args.stage)
 
 
+def _check(args: argparse.Namespace) -> None:
+    """What `dvc repro` would choke on before any stage runs: params.yaml (an alias bomb makes DVC
+    itself take gigabytes) and a named pipe or device in the folder source or data/feedback (DVC
+    waits on it forever while hashing). Silent when all is well, one line when not."""
+    from cleanmessy.params import load_params
+    from cleanmessy.project import project_paths
+    from cleanmessy.sample import is_recipe
+    from cleanmessy.stages.ingest import walk_folder
+
+    paths = project_paths()
+    source = load_params(paths.params).ingest.source
+    folders = [paths.root / "data" / "feedback"]
+    if not source.startswith(("http://", "https://")):
+        path = Path(source) if Path(source).is_absolute() else paths.root / source
+        if path.is_dir() and not is_recipe(path):
+            folders.append(path)
+    for folder in folders:
+        if folder.is_dir():
+            walk_folder(folder)
+
+
 def _predict(args: argparse.Namespace) -> int:
     from cleanmessy.serving.predict import run
 
@@ -271,6 +292,8 @@ def _api(args: argparse.Namespace) -> int:
 
     if not 1 <= args.workers <= 64:
         raise UserError(f"--workers must be 1 to 64, not {args.workers}")
+    if not 2 <= args.max_in_flight <= 1024:
+        raise UserError(f"--max-in-flight must be 2 to 1024, not {args.max_in_flight}")
     request_log = _request_log(args)
 
     def prepare(base: str) -> servers.ChildServer:
@@ -282,7 +305,10 @@ def _api(args: argparse.Namespace) -> int:
         at = "" if tracking.names_exact_version(uri) else f" ({uri}, resolved at start: restart to serve a moved alias)"
         print(f"REST API for {version.uri}: starting on {base} (Ctrl-C stops it)", flush=True)
         env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
-               requestlog.ENV_MODEL: f"{version.name}/{version.version}"}
+               requestlog.ENV_MODEL: f"{version.name}/{version.version}",
+               # admission control: past this many open connections a worker answers 503 at once
+               # (uvicorn's --limit-concurrency, which MLflow's command line leaves to the environment)
+               "UVICORN_LIMIT_CONCURRENCY": str(args.max_in_flight)}
         env.pop(requestlog.ENV_PATH, None)
         if request_log is not None:  # the registered model, in the server's workers, appends to it
             env.update({requestlog.ENV_PATH: str(request_log.path),
@@ -309,7 +335,9 @@ def _require_photo_classifier(uri: str) -> None:
     try:  # the MLmodel file only: the server downloads the model itself
         flavors = Model.load(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel")).flavors
     except (MlflowException, OSError) as exc:
-        raise UserError(f"cannot read {uri}'s MLmodel from the registry: {str(exc).splitlines()[0]}") from None
+        from cleanmessy.tracking import download_error
+
+        raise UserError(download_error(uri, exc)) from None
     check_photo_classifier(flavors, uri)
 
 
@@ -332,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     cv_help = "repeated stratified k-fold cross-validation of train.* (params: cv.*) into pipeline/cv.json"
     sub.add_parser("cv", help=cv_help, description=cv_help + "; not a DVC stage: run it after ingest"
                    ).set_defaults(func=_cv)
+
+    check_help = "check params.yaml and the source before `dvc repro` reads them (make run does)"
+    sub.add_parser("check", help=check_help, description=check_help + ": one line for a params file DVC would "
+                   "choke on, or a named pipe or device in a folder source, which DVC would wait on forever"
+                   ).set_defaults(func=_check)
 
     predict = sub.add_parser("predict", help="classify photos with a registered model",
                              description="Classify image files (folders are searched recursively) with the "
@@ -410,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     api.add_argument("--port", type=int, default=5001)
     api.add_argument("--workers", type=int, default=1, help="server processes, each loading the model (default 1)")
+    api.add_argument("--max-in-flight", type=int, default=8, metavar="N",
+                     help="open connections a worker takes; past them it answers 503 at once: busy, retry "
+                          "(default 8)")
     _add_request_log_options(api)
     api.set_defaults(func=_api)
 
@@ -437,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     interrupts.install()
-    if args.func not in (_exp_flags, _exp_name, _ui):  # every other command may load TensorFlow (ui runs mlflow)
+    # every other command may load TensorFlow (ui runs mlflow)
+    if args.func not in (_exp_flags, _exp_name, _ui, _check):
         filter_stderr()
     try:
         status = args.func(args)

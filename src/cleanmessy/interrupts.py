@@ -83,3 +83,56 @@ def deferred() -> Iterator[None]:
         raise
     _depth -= 1
     raise_pending()
+
+
+# ---------------------------------------------------------------- dying with `dvc`
+
+WATCH_SECONDS = 1.0
+ORPHANED = b"cleanmessy: the dvc process that started this stage is gone: stopping\n"
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """`(state, parent pid)` from /proc (Linux), or None when the process is gone."""
+    try:
+        fields = open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0].decode(), int(fields[1])
+
+
+def _is_dvc(pid: int) -> bool:
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[:2]
+    except OSError:
+        return False
+    return any(os.path.basename(arg.decode(errors="replace")) == "dvc" for arg in argv)
+
+
+def dvc_ancestor(max_depth: int = 6) -> int | None:
+    """The `dvc` process this one runs under (through `sh -c` and src/stage.sh), or None."""
+    pid = os.getppid()
+    for _ in range(max_depth):
+        if pid <= 1:
+            return None
+        if _is_dvc(pid):
+            return pid
+        stat = _stat(pid)
+        if stat is None:
+            return None
+        pid = stat[1]
+    return None
+
+
+def die_with(pid: int, seconds: float = WATCH_SECONDS) -> threading.Thread:
+    """Send this process SIGTERM once `pid` is gone (a zombie counts as gone): a stage whose `dvc`
+    was killed (`kill -9`) stops as if terminated, its MLflow run FAILED, instead of running on as
+    an orphan that logs a run nobody evaluates. A daemon thread polls /proc every `seconds`."""
+    def watch() -> None:
+        while (stat := _stat(pid)) is not None and stat[0] != "Z":
+            threading.Event().wait(seconds)
+        os.write(2, ORPHANED)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="die-with-dvc", daemon=True)
+    thread.start()
+    return thread

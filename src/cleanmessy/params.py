@@ -118,10 +118,27 @@ class Params:
     cv: CvParams = field(default_factory=CvParams)
 
 
+MAX_SOURCE = 4096  # characters of ingest.source (PATH_MAX); a file or folder name has at most 255
+
+
+def _check_source(source: str) -> None:
+    if len(source) > MAX_SOURCE:
+        raise UserError(f"params.yaml: ingest.source is {len(source):,} characters; a path or URL has at most "
+                        f"{MAX_SOURCE:,} (starts {excerpt(source, 40)})")
+    if "\0" in source:
+        raise UserError("params.yaml: ingest.source holds a NUL character; no path or URL does")
+    if not source.startswith(("http://", "https://")):
+        long = next((part for part in source.split("/") if len(part.encode()) > 255), None)
+        if long is not None:
+            raise UserError(f"params.yaml: ingest.source has a name of {len(long.encode())} bytes "
+                            f"({excerpt(long, 40)}); a file or folder name has at most 255")
+
+
 def _check_values(p: Params) -> None:
+    _check_source(p.ingest.source)
     for key, value in flatten(p).items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"params.yaml: {key} must be a finite number, got {value}")
+            raise UserError(f"params.yaml: {key} must be a finite number, got {excerpt(value)}")
     if p.base.seed < 0:
         raise UserError(f"params.yaml: base.seed must be 0 or more, got {p.base.seed}")
     if p.train.patience < 0:
@@ -167,7 +184,7 @@ def _check_transfer(p: Params) -> None:
     for i, region in enumerate(v.regions):
         if len(region) != 2 or not 0 < region[0] <= 1 or region[1] < 1 or region[1] != int(region[1]):
             raise UserError(f"params.yaml: train.views.regions[{i}] must be [side fraction in (0, 1], grid >= 1], "
-                            f"got {region}")
+                            f"got {excerpt(region)}")
     if v.size < 0 or 0 < v.size < 16:
         raise UserError(f"params.yaml: train.views.size must be 0 (= base.image_size) or at least 16, got {v.size}")
     if t.head_c <= 0:
@@ -191,19 +208,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value not in typing.get_args(tp):
             choices = ", ".join(map(str, typing.get_args(tp)))
-            raise UserError(f"params.yaml: {key} must be one of {choices}; got {value!r}")
+            raise UserError(f"params.yaml: {key} must be one of {choices}; got {excerpt(value)}")
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise UserError(f"params.yaml: {key} must be a list, got {value!r}")
+            raise UserError(f"params.yaml: {key} must be a list, got {excerpt(value)}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is str and value is None:
         return ""
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise UserError(f"params.yaml: {key} must be {tp.__name__}, got {value!r}")
+        raise UserError(f"params.yaml: {key} must be {tp.__name__}, got {excerpt(value)}")
     return value
 
 
@@ -211,14 +228,14 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise UserError(f"params.yaml: {prefix} must be a mapping, got {raw!r}")
+        raise UserError(f"params.yaml: {prefix} must be a mapping, got {excerpt(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # in declaration order: stable messages
-    unknown = sorted(set(raw) - set(names))
+    unknown = sorted(str(key) for key in set(raw) - set(names))
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise UserError(
-            f"params.yaml: unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})"
+            f"params.yaml: unknown key {where}{unknown[0][:EXCERPT]} (known: {', '.join(sorted(names))})"
         )
     values = {
         name: _coerce(raw[name], hints[name], f"{prefix}.{name}" if prefix else name)
@@ -235,16 +252,59 @@ def parse_params(raw: Any) -> Params:
     return params
 
 
-def load_params(path: Path) -> Params:
-    """Read and validate params.yaml."""
+MAX_YAML_BYTES = 1024 * 1024  # params.yaml is ~3 KB; an experiment file less
+EXCERPT = 80  # characters of a user's value an error message shows at most
+
+
+def excerpt(value: Any, limit: int = EXCERPT) -> str:
+    """`repr(value)`, bounded: nested containers and long strings shortened (reprlib), then cut to
+    `limit` characters. An error message shows a user's value this way, never whole."""
+    import reprlib
+
+    shorten = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+    shorten.maxlevel, shorten.maxdict, shorten.maxlist, shorten.maxtuple, shorten.maxset = 3, 4, 6, 6, 6
+    shorten.maxstring, shorten.maxother, shorten.maxlong = limit, limit, 40
+    short = shorten.repr(value)
+    return short if len(short) <= limit else short[:limit - 1] + "…"
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases (`*name`): a few KB of nested aliases expand to gigabytes ("billion
+    laughs"); params files have no use for them."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 (PyYAML's signature)
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in params files",
+                                              mark)
+        return super().compose_node(parent, index)
+
+
+def read_yaml(path: Path) -> Any:
+    """A params file (params.yaml, an experiment's changes) parsed, or a one-line UserError: not
+    found, a folder, over MAX_YAML_BYTES, not UTF-8, not YAML (the parser's first line), aliases."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if path.is_dir():
+            raise UserError(f"{path} is a folder, not a file; remove it and restore the file with "
+                            f"`git checkout {path.name}`")
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise UserError(f"{path} is {path.stat().st_size:,} bytes, more than a params file may be "
+                            f"({MAX_YAML_BYTES:,})")
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise UserError(f"{path} not found") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from None
+        reason = " ".join(str(exc).split())
+        raise UserError(f"{path} is not valid YAML: {reason[:200]}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def load_params(path: Path) -> Params:
+    """Read and validate params.yaml."""
+    raw = read_yaml(path)
     if raw is None:  # the code's defaults are not the committed params: running on them would mislead
         raise UserError(f"{path} is empty; restore it with `git checkout {path.name}`")
     return parse_params(raw)
@@ -281,7 +341,7 @@ def exp_flags(changes: dict) -> list[str]:
     for key, value in change_leaves(changes).items():
         text = _value_text(value)
         if not text or any(c.isspace() for c in text):
-            raise UserError(f"{key}: {value!r} cannot be passed as a -S flag (empty or with spaces)")
+            raise UserError(f"{key}: {excerpt(value)} cannot be passed as a -S flag (empty or with spaces)")
         flags += ["-S", f"{key}={text}"]
     return flags
 
@@ -314,10 +374,11 @@ def parse_set(text: str) -> dict:
 def apply_changes(changes: dict, params_file: Path, where: str) -> Params:
     """The params of `params_file` with the nested `changes` applied, checked: an error names `where`
     the changes came from and the key, before any stage runs."""
+    base = read_yaml(params_file) or {}
+    if not isinstance(base, dict):
+        raise UserError(f"{params_file} must be a mapping of sections")
     try:
-        return parse_params(with_changes(yaml.safe_load(params_file.read_text()) or {}, changes))
-    except FileNotFoundError:
-        raise UserError(f"{params_file} not found") from None
+        return parse_params(with_changes(base, changes))
     except UserError as exc:
         raise UserError(f"{where}: {str(exc).removeprefix('params.yaml: ')}") from None
 
@@ -325,12 +386,7 @@ def apply_changes(changes: dict, params_file: Path, where: str) -> Params:
 def load_changes(path: Path, params_file: Path) -> tuple[dict, Params]:
     """A params changes file (like experiments/real-photos.yaml) and the params of `params_file`
     with those changes applied: checked here, so a typo is caught before any stage runs."""
-    try:
-        changes = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise UserError(f"{path} not found") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from None
+    changes = read_yaml(path) or {}
     if not isinstance(changes, dict):
         raise UserError(f"{path} must be a mapping of params.yaml sections")
     return changes, apply_changes(changes, params_file, str(path))

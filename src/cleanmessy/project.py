@@ -22,6 +22,9 @@ def find_root(start: Path | None = None) -> Path:
     for candidate in (here, *here.parents):
         if all((candidate / m).is_file() for m in MARKERS):
             return candidate
+        if (candidate / "dvc.yaml").is_file() and (candidate / "params.yaml").exists():
+            raise UserError(f"{candidate / 'params.yaml'} is not a file; remove it and restore the file with "
+                            "`git checkout params.yaml`")
     raise UserError(
         f"no Clean vs Messy project found at or above {here} (looked for {' and '.join(MARKERS)}); "
         "run the command inside the repository or set CLEANMESSY_ROOT"

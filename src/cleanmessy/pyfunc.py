@@ -33,7 +33,7 @@ from cleanmessy.images import DEFAULT_MAX_PIXELS, ImageError, open_rgb, to_model
 
 INPUT_COLUMN = "image"
 MAX_ROWS = 64  # photos a request
-MAX_PHOTO_BYTES = 25 * 1024 * 1024  # as the app's upload limit
+MAX_PHOTO_BYTES = 15 * 1024 * 1024  # a room photo (a 12-48 MP phone JPEG): the app's and the REST API's limit
 KERAS_ARTIFACT, CARD_ARTIFACT, FAMILIARITY_ARTIFACT = "keras_model", "model_card", "familiarity"
 FAMILIARITY, UNFAMILIAR = "familiarity", "unfamiliar"
 

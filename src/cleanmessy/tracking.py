@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import urllib.parse
@@ -22,6 +23,7 @@ from cleanmessy.errors import UserError
 from cleanmessy.lineage import file_md5
 from cleanmessy.project import Paths, project_paths
 
+log = logging.getLogger(__name__)
 EXPERIMENT = "clean-vs-messy"
 # Registry stages, held as MLflow aliases (MLflow deprecated its own stages in favour of them).
 STAGING, PRODUCTION = "staging", "production"
@@ -117,10 +119,53 @@ def open_experiment(paths: Paths, name: str | None = None, tags: dict[str, str] 
 @contextlib.contextmanager
 def resume_training_run(paths: Paths) -> Iterator[str]:
     """The MLflow run that trained the workspace's model, active inside the block (evaluate and
-    plot add to it); yields its id. An exception inside marks the run FAILED."""
-    run_id = training_run_id(paths, open_experiment(paths))
-    with mlflow.start_run(run_id=run_id):
+    plot add to it); yields its id. An exception inside marks the run FAILED. Runs that a dead
+    process left RUNNING are marked KILLED first (`reap_dead_runs`)."""
+    experiment_id = open_experiment(paths)
+    reap_dead_runs(experiment_id, paths.stage or "evaluate")
+    run_id = training_run_id(paths, experiment_id)
+    with mlflow.start_run(run_id=run_id, tags=process_tags()):
         yield run_id
+
+
+# Which process holds a run open: a run RUNNING whose process is gone was killed (SIGKILL, power
+# loss), since every other way out ends it (FINISHED, or FAILED from an exception or a signal).
+PID_TAG, HOST_TAG = "cleanmessy.pid", "cleanmessy.host"
+
+
+def process_tags() -> dict[str, str]:
+    import socket
+
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def reap_dead_runs(experiment_id: str, stage: str) -> list[str]:
+    """Mark KILLED the runs of `experiment_id` left RUNNING by a process of this host that is gone,
+    one line each; returns their ids. Runs of other hosts, of live processes and without the tags
+    (older runs, runs of other tools) are left alone."""
+    import socket
+
+    client, host, killed = MlflowClient(), socket.gethostname(), []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=200):
+        tags = run.data.tags
+        pid = tags.get(PID_TAG, "")
+        if tags.get(HOST_TAG) != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        client.set_terminated(run.info.run_id, "KILLED")
+        killed.append(run.info.run_id)
+        log.warning("%s: MLflow run %s (%s) was left RUNNING by process %s, which is gone (killed): marked KILLED",
+                    stage, run.info.run_name, run.info.run_id, pid)
+    return killed
 
 
 def remember_training_run(paths: Paths, run_id: str) -> None:
@@ -378,6 +423,16 @@ def run_tag(run_id: str, name: str) -> str:
         return ""
 
 
+def download_error(uri: str, exc: BaseException) -> str:
+    """One line for a version that cannot be downloaded: its files gone from the store (MLflow says
+    only `No such artifact: ''`), or the store's own first line."""
+    text = str(exc)
+    if "No such artifact" in text or isinstance(exc, FileNotFoundError):
+        return (f"{uri}'s files are gone from the MLflow store (deleted?): this version cannot be loaded; register "
+                "it again (`dvc repro --force --single-item evaluate`) or move the alias to another version")
+    return f"cannot download {uri} from the registry: {text.splitlines()[0] if text else type(exc).__name__}"
+
+
 def download_version(uri: str) -> tuple[Path, dict[str, Any]]:
     """A registered version's files, downloaded to a local folder, and its MLmodel metadata (class
     names, image size, ...); a UserError when it cannot be downloaded or was not logged by
@@ -389,7 +444,7 @@ def download_version(uri: str) -> tuple[Path, dict[str, Any]]:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
         meta = Model.load(str(local)).metadata or {}
     except (MlflowException, OSError) as exc:  # artifacts deleted or the store unreachable
-        raise UserError(f"cannot download {uri} from the registry: {exc}") from None
+        raise UserError(download_error(uri, exc)) from None
     if "class_names" not in meta or "image_size" not in meta:
         raise UserError(f"{uri} has no class_names/image_size metadata: it was not logged by `cleanmessy evaluate`")
     return local, meta

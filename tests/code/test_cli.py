@@ -173,3 +173,33 @@ def test_read_only_local_store_is_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"the MLflow store {db} cannot be written (attempt to write a readonly database)" in result.stderr
     assert "tensorflow" not in heavy_modules(result)
+
+
+def test_check_catches_what_dvc_would_choke_on_before_dvc_runs(tmp_path):
+    """`make run` runs `cleanmessy check` before `dvc repro`: an alias bomb in params.yaml (DVC
+    itself took gigabytes on one) and a named pipe in the folder source (DVC waits on it forever)
+    are one line each, exit 2, in well under a second and without TensorFlow. All well: silent."""
+    import os
+    import shutil
+
+    from conftest import REPO
+
+    project = tmp_path / "project"
+    (project / "photos" / "clean").mkdir(parents=True)
+    (project / "photos" / "messy").mkdir()
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    params = (REPO / "params.yaml").read_text().replace("source: data/sample", "source: photos")
+    (project / "params.yaml").write_text(params)
+    ok = cli("check", cwd=project)
+    assert ok.returncode == 0 and ok.stdout == "" and ok.stderr == "HEAVY=\n", ok.stderr
+    os.mkfifo(project / "photos" / "clean" / "pipe.png")
+    piped = cli("check", cwd=project)
+    assert piped.returncode == 2 and piped.stderr.count("\n") == 2, piped.stderr  # its line, the probe's
+    assert "pipe.png is a named pipe, not a photo" in piped.stderr and "tensorflow" not in heavy_modules(piped)
+    (project / "photos" / "clean" / "pipe.png").unlink()
+    bomb = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"b{i}: &b{i} [{', '.join([f'*b{i - 1}' if i else '*a'] * 9)}]\n" for i in range(8))
+    (project / "params.yaml").write_text(params + bomb)
+    bombed = cli("check", cwd=project)
+    assert bombed.returncode == 2 and "YAML aliases (*name) are not allowed" in bombed.stderr
+    assert len(bombed.stderr) < 400

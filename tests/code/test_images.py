@@ -248,3 +248,30 @@ def test_the_bomb_warning_is_an_error_for_the_whole_process_once_images_is_impor
             "print([f[0] for f in warnings.filters if f[2] is Image.DecompressionBombWarning][:1])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['error']"
+
+
+def exif_stuffed_jpeg(segments: int, size: int = 65_000) -> bytes:
+    """A valid JPEG with `segments` extra APP1 (EXIF-marker) segments of `size` bytes each."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (120, 80, 40)).save(buffer, "JPEG")
+    data = buffer.getvalue()
+    segment = b"\xff\xe1" + (size + 2).to_bytes(2, "big") + b"Exif\x00\x00" + b"\x00" * (size - 6)
+    return data[:2] + segment * segments + data[2:]
+
+
+def test_a_jpeg_stuffed_with_metadata_is_refused_before_decoding(tmp_path):
+    """370 APP1 segments (24 MB, under the app's old upload cap) cost Pillow seconds: refused from
+    the segment headers in milliseconds, as bytes and as a file; a few segments pass."""
+    import time
+
+    stuffed = exif_stuffed_jpeg(370)
+    assert len(stuffed) > 24_000_000
+    started = time.perf_counter()
+    with pytest.raises(ImageError) as error:
+        open_rgb(stuffed)
+    assert error.value.reason == "too_much_metadata" and time.perf_counter() - started < 0.5
+    (tmp_path / "stuffed.jpg").write_bytes(stuffed)
+    with pytest.raises(ImageError, match="segments"):
+        open_rgb(tmp_path / "stuffed.jpg")
+    image, info = open_rgb(exif_stuffed_jpeg(3))
+    assert image.size == (64, 48) and info.format == "JPEG"

@@ -11,6 +11,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -666,3 +667,90 @@ def test_url_download_is_capped(tmp_path, http_root, monkeypatch):
     monkeypatch.setattr(ingest, "MAX_DOWNLOAD_BYTES", 1 << 20)
     with pytest.raises(UserError, match="passed 1,048,576 bytes; stopped"):
         ingest_path(f"{base}/big.zip", tmp_path, sha256="0" * 64)
+
+
+# ---------------------------------------------------------------- hardening, second round (issue 21)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket"])
+def test_a_named_pipe_or_socket_in_a_folder_source_is_refused_in_one_line(tmp_path, kind):
+    """DVC waits forever on a named pipe while it hashes a source; ingest (and `cleanmessy check`,
+    which `make run` runs before `dvc repro`) refuses it, naming it, before anything is written."""
+    import os
+    import socket
+
+    src = make_source(tmp_path / "src", two_classes(2))
+    special = src / "clean" / "p.png"
+    if kind == "fifo":
+        os.mkfifo(special)
+    else:
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(special))
+    expected = "a named pipe" if kind == "fifo" else "a socket"
+    with pytest.raises(UserError, match=f"p.png is {expected}, not a photo") as error:
+        ingest_path(src, tmp_path)
+    assert "\n" not in str(error.value) and not (tmp_path / "out" / "images").exists()
+
+
+def test_class_folders_differing_only_in_unicode_normalisation_are_refused(tmp_path):
+    """`café/` written twice, once NFC (é) and once NFD (e + ´): one name to a reader, two to the
+    file system. Not two classes that look alike: one line saying how they differ."""
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    src = make_source(tmp_path / "src",
+                      {**two_classes(2), f"{nfc}/1.png": png_bytes(71), f"{nfd}/2.png": png_bytes(72)})
+    with pytest.raises(UserError, match="differ only in how their letters are encoded"):
+        ingest_path(src, tmp_path)
+
+
+def test_two_zip_entries_of_one_name_ingest_the_first_and_report_the_other(tmp_path):
+    archive = tmp_path / "dup.zip"
+    with zipfile.ZipFile(archive, "w") as z, pytest.warns(UserWarning, match="Duplicate name"):
+        for name, data in two_classes(2).items():
+            z.writestr(name, data)
+        z.writestr("clean/0.png", png_bytes(99))
+    _, result = ingest_path(archive, tmp_path)
+    reasons = rejection_reasons(result.report)
+    assert reasons == {"clean/0.png": "duplicate_name"}, reasons
+    assert result.report["classes"] == {"clean": 2, "messy": 2}
+    result.write_manifest(tmp_path / "manifest.csv")
+    manifest = pd.read_csv(tmp_path / "manifest.csv")
+    assert manifest["source_path"].is_unique and len(manifest) == 4
+
+
+def test_rejections_are_logged_a_few_then_summarised(tmp_path, caplog):
+    """100 files that are not images: 20 lines, then one counting the rest by reason; the report
+    lists every one."""
+    bad = {f"clean/bad{i:03d}.png": b"not an image" for i in range(100)}
+    src = make_source(tmp_path / "src", {**two_classes(2), **bad})
+    with caplog.at_level("WARNING"):
+        _, result = ingest_path(src, tmp_path)
+    left_out = [r for r in caplog.records if "left out" in r.getMessage()]
+    assert len(left_out) == ingest.REJECTIONS_SHOWN + 1
+    assert left_out[-1].getMessage() == ("... and 80 more left out (not_an_image 80): every one is in "
+                                         "ingest_report.json")
+    assert result.report["rejected"] == 100
+
+
+def test_a_full_disk_while_writing_the_manifest_leaves_the_previous_data_whole(tmp_path, monkeypatch):
+    """Every output goes to a temporary name first: no space left for the manifest (after every
+    image is written) is one line, and the previous images, manifest and report are untouched."""
+    import errno
+
+    root = tmp_path / "project"
+    make_source(root / "photos", two_classes(2))
+    params = Params(ingest=IngestParams(source="photos"))
+    ingest.main(Paths(root), params)
+    before = {**hash_tree(root / "data")}
+    make_source(root / "photos", {"clean/new.png": png_bytes(500)})  # a new photo: a different output
+
+    def full(self, path):
+        Path(path).write_bytes(b"path,la")  # a part written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ingest.IngestResult, "write_manifest", full)
+    with pytest.raises(UserError, match=r"^no space left on the device while ingesting .*nothing was") as error:
+        ingest.main(Paths(root), params)
+    assert "\n" not in str(error.value)
+    assert hash_tree(root / "data") == before  # no partial file either

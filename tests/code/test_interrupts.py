@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -193,3 +195,49 @@ def test_sigterm_during_training_stops_at_the_next_step_boundary(handlers, tmp_p
                     on_epoch=on_epoch, strategy=strategy)
     assert epochs_ended == [1, "survived the signal"]
     assert [entry.name for entry in raised.traceback][-2:] == ["on_train_batch_begin", "raise_pending"]
+
+
+# ---------------------------------------------------------------- dying with dvc (issue 21)
+
+WATCHED = """
+import subprocess, sys, time
+from cleanmessy import interrupts
+
+interrupts.install()
+dvc = subprocess.Popen(["sleep", "60"])
+interrupts.die_with(dvc.pid, 0.05)
+print("watching", flush=True)
+sys.stdin.readline()
+dvc.kill()  # SIGKILL, and never reaped: a zombie counts as gone
+try:
+    time.sleep(60)
+    print("still running")
+except interrupts.Terminated:
+    print("terminated")
+"""
+
+
+def test_a_stage_stops_when_its_dvc_is_killed():
+    """`kill -9` of dvc alone: the stage gets SIGTERM from its watcher and stops as terminated
+    (its MLflow run FAILED), instead of running on as an orphan."""
+    child = subprocess.Popen([sys.executable, "-c", WATCHED], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "watching"
+    child.stdin.write("\n")
+    child.stdin.flush()
+    out, err = child.communicate(timeout=30)
+    assert out.strip() == "terminated", (out, err)
+    assert "the dvc process that started this stage is gone: stopping" in err
+
+
+def test_the_dvc_ancestor_is_found_through_the_shells(tmp_path):
+    """dvc runs `sh -c 'sh src/stage.sh train'`: the watcher looks up the process tree for it."""
+    fake = tmp_path / "dvc"
+    fake.write_text(f'#!/bin/sh\necho "$$"\nsh -c \'{sys.executable} -c "from cleanmessy import interrupts; '
+                    f'print(interrupts.dvc_ancestor())"\'\n')
+    fake.chmod(0o755)
+    dvc_pid, found = subprocess.run([str(fake)], capture_output=True, text=True, timeout=60).stdout.split()
+    assert found == dvc_pid
+    probe = "from cleanmessy import interrupts; print(interrupts.dvc_ancestor())"
+    alone = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout.strip()
+    assert alone == "None"

@@ -310,3 +310,64 @@ def test_params_file_that_is_not_utf8(tmp_path):
     path.write_bytes("base:\n  seed: 42  # caf\u00e9\n".encode("latin-1"))
     with pytest.raises(UserError, match="is not UTF-8 text"):
         load_params(path)
+
+
+# ---------------------------------------------------------------- hardening, second round (issue 21)
+
+
+def alias_bomb(levels: int = 8) -> str:
+    """3 KB of YAML whose aliases expand to 9**levels strings (the "billion laughs")."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels + 1):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]")
+    return "\n".join(lines) + f"\ntrain:\n  filters: *a{levels}\n"
+
+
+def test_an_alias_bomb_is_refused_at_once_in_one_short_line(tmp_path):
+    import time
+
+    path = tmp_path / "params.yaml"
+    path.write_text(alias_bomb())
+    started = time.perf_counter()
+    with pytest.raises(UserError) as error:
+        load_params(path)
+    assert time.perf_counter() - started < 2
+    message = str(error.value)
+    assert "YAML aliases (*name) are not allowed in params files" in message and len(message) < 300
+    assert "\n" not in message
+    changes = tmp_path / "experiment.yaml"  # the same loader reads experiment files (exp-flags, exp-name)
+    changes.write_text(alias_bomb(3))
+    with pytest.raises(UserError, match="YAML aliases"):
+        load_changes(changes, path)
+
+
+def test_a_user_value_is_shown_as_a_bounded_excerpt(tmp_path):
+    """A 10,000-item list, a 5 MB string, a 300-byte name: every message stays one short line."""
+    cases = {
+        "train:\n  filters: [" + ", ".join(['"a long string value"'] * 10_000) + "]\n": "train.filters[0] must be int",
+        "train:\n  arch: " + "x" * 100_000 + "\n": "train.arch must be one of",
+        "ingest:\n  source: " + "y" * 5_000 + "\n": "ingest.source is 5,000 characters",
+        "ingest:\n  source: data/" + "z" * 300 + "/photos\n": "has a name of 300 bytes",
+        "x" * 200 + ": 1\n": "unknown key " + "x" * 80 + " (known",
+    }
+    for i, (text, expected) in enumerate(cases.items()):
+        path = tmp_path / f"p{i}.yaml"
+        path.write_text(text)
+        with pytest.raises(UserError) as error:
+            load_params(path)
+        assert expected in str(error.value) and len(str(error.value)) < 250, str(error.value)[:400]
+    big = tmp_path / "big.yaml"
+    big.write_text("a: " + "b" * (2 * 1024 * 1024) + "\n")
+    with pytest.raises(UserError, match="more than a params file may be"):
+        load_params(big)
+
+
+def test_params_yaml_as_a_folder_is_named(tmp_path):
+    from cleanmessy.project import find_root
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").mkdir()
+    with pytest.raises(UserError, match=r"params.yaml is not a file; remove it and restore the file with `git"):
+        find_root(tmp_path)
+    with pytest.raises(UserError, match="is a folder, not a file"):
+        load_params(tmp_path / "params.yaml")

@@ -403,3 +403,46 @@ def test_pip_requirements_pin_installed_versions():
     assert pins["mlflow"] == metadata.version("mlflow")
     assert pins["numpy"] == metadata.version("numpy")
     assert len(pins) == len(reqs)
+
+
+def test_runs_a_killed_process_left_running_are_marked_killed_in_one_line(paths, caplog):
+    """SIGKILL leaves a run RUNNING forever: the next train or evaluate marks it KILLED (one line
+    each), by the PID and host recorded on it. Runs of live processes, of other hosts and without
+    the tags are left alone."""
+    import socket
+
+    experiment_id = tracking.open_experiment(paths)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a PID no process has now
+    client = MlflowClient()
+    host = socket.gethostname()
+    runs = {name: client.create_run(experiment_id, run_name=name, tags=tags).info.run_id for name, tags in {
+        "killed": {tracking.PID_TAG: str(dead.pid), tracking.HOST_TAG: host},
+        "alive": {tracking.PID_TAG: str(os.getpid()), tracking.HOST_TAG: host},
+        "elsewhere": {tracking.PID_TAG: str(dead.pid), tracking.HOST_TAG: f"not-{host}"},
+        "untagged": {},
+    }.items()}
+    with caplog.at_level("WARNING"):
+        assert tracking.reap_dead_runs(experiment_id, "train") == [runs["killed"]]
+    status = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert status == {"killed": "KILLED", "alive": "RUNNING", "elsewhere": "RUNNING", "untagged": "RUNNING"}
+    (line,) = [r.getMessage() for r in caplog.records if "KILLED" in r.getMessage()]
+    assert line.startswith(f"train: MLflow run killed ({runs['killed']}) was left RUNNING by process {dead.pid}")
+    assert tracking.reap_dead_runs(experiment_id, "evaluate") == []  # once only
+
+
+def test_a_version_whose_files_are_gone_says_so_in_one_line(paths):
+    """The store's artifacts folder lost the version's files (deleted by hand, a disk cleaned): not
+    MLflow's `No such artifact: ''` but which version, and what to do."""
+    import shutil
+
+    tracking.open_experiment(paths)
+    promotion = register(paths.root, 0.9)
+    uri = f"models:/m/{promotion.version}"
+    run_id = MlflowClient().get_model_version("m", promotion.version).run_id
+    shutil.rmtree(Path(MlflowClient().get_run(run_id).info.artifact_uri.removeprefix("file://")))
+    with pytest.raises(UserError) as error:
+        tracking.download_version(uri)
+    message = str(error.value)
+    assert message.startswith(f"{uri}'s files are gone from the MLflow store") and "No such artifact" not in message
+    assert "\n" not in message and "register it again" in message

@@ -238,7 +238,7 @@ def test_more_than_max_rows_refuses_every_row_in_one_line(api, images):
     assert {row["error"] for row in rows} == {
         f"too_many_photos: a request takes at most {MAX_ROWS} photos, this one has {MAX_ROWS + 1}"}
     assert {row["label"] for row in rows} == {""}
-    assert MAX_PHOTO_BYTES == 25 * 1024 * 1024  # the README's "25 MB a photo"
+    assert MAX_PHOTO_BYTES == 15 * 1024 * 1024  # the README's "15 MB a photo"
 
 
 @pytest.mark.parametrize(("case", "body", "says"), [
@@ -334,3 +334,31 @@ def test_api_on_a_port_in_use_is_one_line_at_once(tmp_path):
     assert result.stdout == "" and result.stderr.strip().splitlines() == [
         f"cleanmessy api: error: port {port} on 127.0.0.1 is in use (another `make api`, or another server?): "
         "choose another with --port (`make api API_PORT=...`)"]
+
+
+def test_past_its_connections_a_worker_answers_busy_at_once(tiny_project, images, tmp_path):
+    """Admission control (`--max-in-flight`): with its connections taken (here by two idle
+    clients), a request gets 503 "Service Unavailable" at once, not a timeout; once they leave,
+    requests are answered again."""
+    project, _ = tiny_project
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    photo = images[0].read_bytes()
+    with api_server(["cleanmessy", "api", "--port", str(port), "--max-in-flight", "2"], project,
+                    tmp_path / "api.log"):
+        assert predictions(url, [photo])[0]["error"] == ""
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        try:
+            deadline = time.monotonic() + 30  # until the server has taken both connections
+            while (answer := post(url, split_request([photo])))[0] != 503 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert answer[0] == 503, answer
+            started = time.monotonic()
+            assert post(url, split_request([photo]))[0] == 503 and time.monotonic() - started < 5
+        finally:
+            for connection in idle:
+                connection.close()
+        deadline = time.monotonic() + 30
+        while (answer := post(url, split_request([photo])))[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert answer[0] == 200, answer

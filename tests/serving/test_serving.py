@@ -482,6 +482,33 @@ def test_login_limiter_refuses_after_five_failures_then_forgives():
     assert check("alice", "s3cret")
 
 
+def test_a_strangers_wrong_passwords_lock_out_only_the_stranger():
+    """The lock-out is per user and client address: five wrong passwords from one address do not
+    keep the real user, at another, out; the stranger's address stays locked. Distinct user names
+    cannot grow the limiter's memory past its bound."""
+    import asyncio
+
+    from cleanmessy.serving.app import ClientAddress, LoginLimiter
+
+    check = LoginLimiter("alice", "s3cret", max_failures=5, window=60, clock=lambda: 0.0, max_tracked=100)
+    answers = []
+
+    def login(address: str, password: str, user: str = "alice") -> bool:
+        async def app(scope, receive, send):  # the login route: the check runs inside the request
+            answers.append(check(user, password))
+
+        asyncio.run(ClientAddress(app)({"type": "http", "path": "/login", "client": (address, 1234)}, None, None))
+        return answers[-1]
+
+    for _ in range(5):
+        assert not login("203.0.113.9", "guess")
+    assert not login("203.0.113.9", "s3cret")  # the stranger's address is locked, the right password too
+    assert login("198.51.100.7", "s3cret")  # the real user, elsewhere, is not
+    for i in range(1000):
+        login("203.0.113.9", "guess", user=f"user{i}")
+    assert len(check._failures) <= 100
+
+
 def test_guessing_the_password_is_stopped(tiny_project):
     """30 wrong passwords against the real server, then the right one: refused (the limit holds);
     the password given by CLEANMESSY_AUTH (not in `ps`) works for a fresh user session later."""

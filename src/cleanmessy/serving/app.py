@@ -4,6 +4,7 @@ Grad-CAM heat map of what drove the "messy" score."""
 from __future__ import annotations
 
 import atexit
+import contextvars
 import hashlib
 import hmac
 import io
@@ -18,10 +19,12 @@ from pathlib import Path
 
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
+from starlette.middleware import Middleware
 
 from cleanmessy import card
 from cleanmessy.errors import UserError
 from cleanmessy.images import DEFAULT_MAX_PIXELS, ImageError, open_rgb
+from cleanmessy.pyfunc import MAX_PHOTO_BYTES
 from cleanmessy.requestlog import RequestLog
 from cleanmessy.serving.explain import overlay
 from cleanmessy.serving.feedback import (
@@ -36,7 +39,8 @@ from cleanmessy.serving.follow import DEFAULT_POLL_SECONDS, ModelFollower
 from cleanmessy.serving.model import DEFAULT_MIN_SIDE, ServedModel
 
 log = logging.getLogger(__name__)
-MAX_UPLOAD = "25mb"
+MAX_UPLOAD = f"{MAX_PHOTO_BYTES // 2**20}mb"  # the registered model's own limit
+MAX_QUEUE = 16  # requests waiting for a worker; more are refused at once
 PANEL_HEIGHT = 320  # px: photo and heat map keep their panel size whatever the photo's size
 CSS = """
 #data-warning { border: 2px solid #d97706; border-radius: 8px; padding: 0.25em 1em; background: #fef3c7; }
@@ -382,28 +386,56 @@ def build_app(follower: ModelFollower, examples: list[str], max_pixels: int = DE
     return demo
 
 
+# The client address of the login request being checked: Gradio calls the login check with the
+# user name and password only, so ClientAddress (ASGI middleware) sets it around each /login.
+_login_client: contextvars.ContextVar[str] = contextvars.ContextVar("login_client", default="")
+
+
+class ClientAddress:
+    """ASGI middleware: the client's address of a `/login` request, for LoginLimiter."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope.get("type") != "http" or not str(scope.get("path", "")).endswith("/login"):
+            await self.app(scope, receive, send)
+            return
+        token = _login_client.set(str((scope.get("client") or ("",))[0]))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _login_client.reset(token)
+
+
 class LoginLimiter:
-    """Gradio's login check with a brake: after `max_failures` wrong passwords for a user within
-    `window` seconds, every login of that user is refused (the right password too) until the
-    window has passed. Guessing a password then takes days, not seconds."""
+    """Gradio's login check with a brake: after `max_failures` wrong passwords for a user from one
+    client address within `window` seconds, every login of that user from that address is refused
+    (the right password too) until the window has passed. Guessing a password then takes days, not
+    seconds, and a stranger's wrong passwords lock out only the stranger's address, never the real
+    user's. At most `max_tracked` (user, address) pairs are remembered: bounded memory."""
 
     def __init__(self, user: str, password: str, max_failures: int = 5, window: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_tracked: int = 10_000) -> None:
         self._user, self._password = user, password
-        self.max_failures, self.window, self._clock = max_failures, window, clock
-        self._failures: dict[str, list[float]] = {}
+        self.max_failures, self.window, self._clock, self.max_tracked = max_failures, window, clock, max_tracked
+        self._failures: dict[tuple[str, str], list[float]] = {}
 
     def __call__(self, user: str, password: str) -> bool:
-        now = self._clock()
-        recent = [t for t in self._failures.get(user, []) if now - t < self.window]
+        now, key = self._clock(), (user, _login_client.get())
+        recent = [t for t in self._failures.get(key, []) if now - t < self.window]
         if len(recent) >= self.max_failures:
-            self._failures[user] = recent
-            log.warning("login refused for %r: %d wrong passwords in the last %.0f s", user, len(recent), self.window)
+            self._failures[key] = recent
+            log.warning("login refused for %r from %s: %d wrong passwords in the last %.0f s", user[:40],
+                        key[1] or "this process", len(recent), self.window)
             return False
         if hmac.compare_digest(user.encode(), self._user.encode()) and \
                 hmac.compare_digest(password.encode(), self._password.encode()):
             return True
-        self._failures[user] = [*recent, now]
+        if len(self._failures) >= self.max_tracked:  # forget the pairs whose failures are all old
+            self._failures = {k: v for k, v in self._failures.items() if now - v[-1] < self.window}
+        if len(self._failures) < self.max_tracked or key in self._failures:
+            self._failures[key] = [*recent, now]
         return False
 
 
@@ -434,13 +466,15 @@ def serve(model_uri: str, host: str, port: int, auth: str | None, max_pixels: in
     demo = build_app(follower, examples, max_pixels, delete_cache=(upload_ttl, upload_ttl), feedback=store)
     # POST /feedback, on the app before it serves (a route added after launch could miss early requests)
     routes = [feedback_route(store, lambda: follower.current, max_pixels)] if store is not None else []
-    demo.queue(default_concurrency_limit=2)
+    # Admission control: two classifications at a time, at most MAX_QUEUE waiting; past that a client
+    # is told at once that the queue is full (Gradio's "busy, retry"), not left to time out.
+    demo.queue(default_concurrency_limit=2, max_size=MAX_QUEUE)
     try:
         demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False,
                     auth=LoginLimiter(*credentials) if credentials else None,
                     max_file_size=MAX_UPLOAD, allowed_paths=[str(examples_dir)], show_error=True,
                     quiet=True, enable_monitoring=False, css=CSS, prevent_thread_lock=True,
-                    app_kwargs={"routes": routes})
+                    app_kwargs={"routes": routes, "middleware": [Middleware(ClientAddress)]})
     except OSError:  # Gradio says "Cannot find empty port" for both causes
         raise UserError(f"cannot serve on {host}:{port}: the port is in use, or {host} is not an address of "
                         "this machine; choose another --port (or --host)") from None

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from cleanmessy.images import DEFAULT_MAX_PIXELS, FORMAT_SUFFIX, ImageError, open_rgb
 from cleanmessy.project import FEEDBACK_NOT_A_ROOM
+from cleanmessy.pyfunc import MAX_PHOTO_BYTES  # one photo: the app's upload limit (app.MAX_UPLOAD)
 
 if TYPE_CHECKING:
     from cleanmessy.serving.model import ServedModel
@@ -39,7 +40,6 @@ NOT_A_ROOM = FEEDBACK_NOT_A_ROOM  # the folder and label of "not a room"; the ap
 CORRECTIONS = "corrections.jsonl"
 MAX_STORE_PHOTOS = 10_000
 MAX_STORE_BYTES = 500 * 2**20  # photos and corrections.jsonl together
-MAX_PHOTO_BYTES = 25 * 2**20  # one photo: the app's upload limit (app.MAX_UPLOAD)
 OTHER_SUFFIX = ".img"  # a format FORMAT_SUFFIX does not name (ingest names it so too)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from cleanmessy import interrupts
 from cleanmessy.errors import UndeclaredInput, UserError
 from cleanmessy.params import Params, load_params
 from cleanmessy.project import Paths, project_paths
@@ -157,7 +158,10 @@ TRACKING_STAGES = ("train", "evaluate", "plot")  # the stages that write to the 
 
 
 def run_stage(stage: str) -> None:
-    """Run `cleanmessy <stage>` as dvc.yaml declares it: only the params and files it lists."""
+    """Run `cleanmessy <stage>` as dvc.yaml declares it: only the params and files it lists. Under
+    `dvc repro` the stage stops when that dvc process is gone (interrupts.die_with)."""
+    if (dvc := interrupts.dvc_ancestor()) is not None:
+        interrupts.die_with(dvc)
     paths = project_paths()
     params = load_params(paths.params)
     if stage in TRACKING_STAGES:

@@ -9,6 +9,7 @@ Every file is validated; bad ones are reported with a reason and left out. The s
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import io
 import json
@@ -19,6 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
+import unicodedata
 import urllib.error
 import urllib.request
 import zipfile
@@ -150,15 +152,18 @@ def deduplicate(accepted: list[Accepted]) -> tuple[list[Accepted], list[Rejected
 
 def check_classes(counts: Mapping[str, int], rejected: list[Rejected], empty_folders: list[str] = ()) -> None:
     """At least two classes, no class left without a usable image, no two class folders whose
-    names differ only in case (`Clean/` beside `clean/` would silently make three classes).
+    names differ only in case or Unicode normalisation (`Clean/` beside `clean/`, or an NFC `café/`
+    beside an NFD one, would silently make three classes).
     `counts`: the images kept per class (classes with none left out)."""
     seen = sorted({r.label for r in rejected if r.label} | set(counts))
     by_folded: dict[str, list[str]] = {}
-    for label in seen:
-        by_folded.setdefault(label.casefold(), []).append(label)
+    for label in seen:  # compared as a reader sees them: Unicode-normalised (é = e + ´), case-folded
+        by_folded.setdefault(unicodedata.normalize("NFC", label).casefold(), []).append(label)
     clash = next((names for names in by_folded.values() if len(names) > 1), None)
     if clash:
-        raise UserError(f"class folders {' and '.join(repr(n) for n in clash)} differ only in case; "
+        how = "only in case" if len({unicodedata.normalize("NFC", n) for n in clash}) == len(clash) else \
+            "only in how their letters are encoded (Unicode NFC and NFD: they look the same)"
+        raise UserError(f"class folders {' and '.join(ascii(n) for n in clash)} differ {how}; "
                         "merge them into one folder")
     for label in seen:
         close = difflib.get_close_matches(label, [x for x in seen if x != label], n=1, cutoff=0.8)
@@ -330,12 +335,25 @@ class FolderFiles(Sequence[tuple[str, Reader]]):
         return entry if isinstance(entry, tuple) else (entry, _file_reader(os.path.join(self._folder, entry)))
 
 
+def special_file_message(path: Path) -> str:
+    """The one line for an entry of a folder source that is neither a file, a folder nor a link: a
+    named pipe, a device or a socket, which DVC would wait on forever while hashing the source."""
+    import stat
+
+    mode = path.lstat().st_mode
+    kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "a special file")
+    return (f"{path} is {kind}, not a photo: a source may hold only files, folders and links (DVC would wait on it "
+            "forever while hashing the source); remove it")
+
+
 def walk_folder(folder: Path) -> tuple[FolderFiles, list[str]]:
     """The files of a folder source, and its folders that hold no file (for the report). Links
     are never followed, in or out of the source: each one is a file refused with reason
     `symlink` (a link could read /etc/passwd or a photo outside the source). A broken link stops
     ingest, as it stops DVC, which hashes the source before ingest runs and cannot hash a link to
-    nothing: both refuse the same source, with one line naming the link."""
+    nothing: both refuse the same source, with one line naming the link. A named pipe, a device or
+    a socket stops ingest too (`special_file_message`): DVC would hang on it."""
     files: list[str | tuple[str, Reader]] = []
     empty: list[str] = []
     for here, dirs, names in os.walk(folder, followlinks=False):
@@ -353,6 +371,8 @@ def walk_folder(folder: Path) -> tuple[FolderFiles, list[str]]:
                 files.append((rel, _refuse("symlink", f"a link to {os.readlink(path)}; links are not followed")))
             elif path.is_file():
                 files.append(rel)
+            else:
+                raise UserError(special_file_message(path))
         if rel_here.parts and not names and not dirs:
             empty.append(rel_here.as_posix())
     return FolderFiles(os.fspath(folder), files), empty
@@ -384,10 +404,19 @@ def _walk_zip(archive: zipfile.ZipFile) -> Iterator[tuple[str, Reader]]:
     # Members are read in memory, never extracted. Their names are checked in run_ingest.
     # They are read one at a time (ZipFile counts its open members without a lock, and inflating
     # a photo is quick next to decoding it); the decoding runs in parallel.
+    # An archive may hold two entries of one name (zip allows it; unzip keeps the last): the first
+    # is read, every later one is refused as `duplicate_name`, so no two manifest rows share one
+    # source_path.
     lock = threading.Lock()
+    seen: set[str] = set()
     for info in sorted(archive.infolist(), key=lambda i: i.filename):
         if info.is_dir() or (not unsafe_name(info.filename) and _skipped(info.filename.split("/"))):
             continue  # (an unsafe name such as ../x is reported, not skipped as "hidden")
+        if info.filename in seen:
+            yield info.filename, _refuse("duplicate_name", "the archive holds another entry of this name, which is "
+                                                           "the one ingested")
+            continue
+        seen.add(info.filename)
         yield info.filename, _zip_reader(archive, info, lock)
 
 
@@ -483,6 +512,7 @@ def source_files(source: str, sha256: str, root: Path, workdir: Path,
 
 # ---------------------------------------------------------------- feedback (the app's corrections)
 
+REJECTIONS_SHOWN = 20  # rejected files logged one line each; the rest summarised by reason (all in the report)
 FEEDBACK_SHOWN = 5  # feedback conflicts and rejections printed one line each; the rest are counted
 
 
@@ -687,7 +717,8 @@ def _check_all(files: Sequence[tuple[str, Reader]], params: IngestParams, stagin
 def run_ingest(files: Iterable[tuple[str | PurePosixPath, Reader]], params: IngestParams,
                images_dir: Path, images_rel: str, empty_folders: list[str] = (),
                workers: int | None = None, feedback: Path | None = None,
-               feedback_rel: str = "data/feedback") -> IngestResult:
+               feedback_rel: str = "data/feedback",
+               prepare: Callable[[IngestResult], list[tuple[Path, Path]]] | None = None) -> IngestResult:
     """Validate `files`, copy the accepted ones into `images_dir`, and describe what happened.
     Files are checked and copied on `workers` threads (default: one per usable CPU); the result
     is the same whatever their number. What is kept per file is its name in the source's
@@ -695,7 +726,9 @@ def run_ingest(files: Iterable[tuple[str | PurePosixPath, Reader]], params: Inge
     photos peaks at 0.13 GiB RSS, of 100k at 0.17 GiB (0.28 when records were objects).
     `feedback`: the app's corrections folder (`feedback_rel` in the project), merged after the
     source (merge_feedback): its photos count in "accepted" and "classes" (the images in the
-    data; "files" and "rejected" are the source's), its own report is "feedback"."""
+    data; "files" and "rejected" are the source's), its own report is "feedback".
+    `prepare(result)`: writes the stage's other outputs to temporary names and returns
+    `(temporary, final)` pairs, renamed into place right after the images folder is swapped in."""
     if not isinstance(files, Sequence):
         files = list(files)
     # Each file is read once: an accepted one is written as soon as it is checked, into a hidden
@@ -704,14 +737,22 @@ def run_ingest(files: Iterable[tuple[str | PurePosixPath, Reader]], params: Inge
     staging = images_dir.with_name(f".{images_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    written: list[tuple[Path, Path]] = []  # prepare's temporary files, until renamed into place
     try:
         accepted, rejected, skipped = _check_all(files, params, staging, workers or usable_cpus())
         kept, dupes, conflicts = deduplicate_table(accepted)
         rejected += dupes
-        for r in rejected:
+        for r in rejected[:REJECTIONS_SHOWN]:
             log.warning("left out %s: %s (%s)", r.source_path, r.reason, r.detail)
-        for folder in empty_folders:
+        if len(rejected) > REJECTIONS_SHOWN:
+            reasons = Counter(r.reason for r in rejected[REJECTIONS_SHOWN:])
+            log.warning("... and %d more left out (%s): every one is in ingest_report.json",
+                        len(rejected) - REJECTIONS_SHOWN, ", ".join(f"{r} {n}" for r, n in reasons.most_common()))
+        for folder in empty_folders[:REJECTIONS_SHOWN]:
             log.warning("folder %s/ of the source holds no file: ignored", folder)
+        if len(empty_folders) > REJECTIONS_SHOWN:
+            log.warning("... and %d more empty folders (listed in ingest_report.json)",
+                        len(empty_folders) - REJECTIONS_SHOWN)
         classes = accepted.counts(kept, accepted.labels, accepted.label_codes)
         check_classes(classes, rejected, empty_folders)
         for conflict in conflicts:
@@ -721,27 +762,36 @@ def run_ingest(files: Iterable[tuple[str | PurePosixPath, Reader]], params: Inge
             kept, feedback_report = merge_feedback(feedback, feedback_rel, accepted, kept, classes, params, staging,
                                                    workers or usable_cpus())
             classes = accepted.counts(kept, accepted.labels, accepted.label_codes)
+        original_splits: Counter[str] = Counter()
+        for split, n in accepted.counts(kept, accepted.splits, accepted.split_codes).items():
+            original_splits[split or "none"] += n
+        report = {
+            "files": len(files),
+            "accepted": len(kept),
+            "rejected": len(rejected),
+            "classes": dict(sorted(classes.items())),
+            "original_splits": dict(sorted(original_splits.items())),
+            "rejections": [asdict(r) for r in sorted(rejected, key=lambda r: r.source_path)],
+            "skipped_outside_class_folders": skipped,
+            "empty_folders": list(empty_folders),
+        }
+        if feedback_report is not None:
+            report["feedback"] = feedback_report
+        result = IngestResult(report, accepted, manifest_order(accepted, kept), images_rel)
+        # Every other output is written to its temporary name before anything is replaced: a full
+        # disk (or any failure) up to here leaves the previous data whole.
+        written = prepare(result) if prepare else []
         if images_dir.exists():
             shutil.rmtree(images_dir)
         staging.rename(images_dir)
+        for partial_file, final in written:  # renames: they need no space
+            os.replace(partial_file, final)
+        written = []
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # after a failure (on success it is images_dir)
-    original_splits: Counter[str] = Counter()
-    for split, n in accepted.counts(kept, accepted.splits, accepted.split_codes).items():
-        original_splits[split or "none"] += n
-    report = {
-        "files": len(files),
-        "accepted": len(kept),
-        "rejected": len(rejected),
-        "classes": dict(sorted(classes.items())),
-        "original_splits": dict(sorted(original_splits.items())),
-        "rejections": [asdict(r) for r in sorted(rejected, key=lambda r: r.source_path)],
-        "skipped_outside_class_folders": skipped,
-        "empty_folders": list(empty_folders),
-    }
-    if feedback_report is not None:
-        report["feedback"] = feedback_report
-    return IngestResult(report, accepted, manifest_order(accepted, kept), images_rel)
+        for partial_file, _ in written:
+            partial_file.unlink(missing_ok=True)
+    return result
 
 
 def main(paths: Paths, params: Params) -> None:
@@ -750,11 +800,31 @@ def main(paths: Paths, params: Params) -> None:
     with tempfile.TemporaryDirectory(prefix="ingest-", dir=scratch_dir(paths.root)) as tmp:
         kind, files, empty = source_files(p.source, p.sha256, paths.root, Path(tmp), paths.images)
         log.info("ingest: %d files from %s source %s", len(files), kind, p.source)
-        result = run_ingest(files, p, paths.images, paths.images.relative_to(paths.root).as_posix(), empty,
-                            feedback=paths.feedback, feedback_rel=paths.feedback.relative_to(paths.root).as_posix())
-    paths.manifest.parent.mkdir(parents=True, exist_ok=True)
-    result.write_manifest(paths.manifest)
+
+        def prepare(result: IngestResult) -> list[tuple[Path, Path]]:
+            """The manifest and the report, at temporary names beside them."""
+            paths.manifest.parent.mkdir(parents=True, exist_ok=True)
+            pending = [(paths.manifest.with_name(f".{paths.manifest.name}.partial"), paths.manifest),
+                       (paths.ingest_report.with_name(f".{paths.ingest_report.name}.partial"), paths.ingest_report)]
+            try:
+                result.write_manifest(pending[0][0])
+                pending[1][0].write_text(json.dumps({"source": p.source, "source_kind": kind, **result.report},
+                                                    indent=2) + "\n")
+            except BaseException:
+                for partial_file, _ in pending:
+                    partial_file.unlink(missing_ok=True)
+                raise
+            return pending
+
+        try:
+            result = run_ingest(files, p, paths.images, paths.images.relative_to(paths.root).as_posix(), empty,
+                                feedback=paths.feedback,
+                                feedback_rel=paths.feedback.relative_to(paths.root).as_posix(), prepare=prepare)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise UserError(f"no space left on the device while ingesting ({exc.filename or paths.root}); nothing "
+                            "was replaced: the previous data is whole. Free some space and run it again") from None
     report = {"source": p.source, "source_kind": kind, **result.report}
-    paths.ingest_report.write_text(json.dumps(report, indent=2) + "\n")
     log.info("ingest: %d images in %s, %d left out (see %s)", report["accepted"],
              dict(report["classes"]), report["rejected"], paths.ingest_report.name)

@@ -99,7 +99,8 @@ def main(paths: Paths, params: Params) -> None:
     manifest_sha256 = manifest_hash(paths.manifest)
 
     experiment_id = tracking.open_experiment(paths)
-    tags = lineage_tags(paths.root, manifest_sha256, report["source"])
+    tracking.reap_dead_runs(experiment_id, "train")
+    tags = {**lineage_tags(paths.root, manifest_sha256, report["source"]), **tracking.process_tags()}
     tags["mlflow.note.content"] = describe_run(p, data, len(train_frame), len(val_frame), tags)
     name = run_name(tags.get("dvc_exp_name"), p.arch, b.image_size, datetime.now())
     # The run starts before the model is built: building seeds Python's random generator, and
