@@ -158,9 +158,15 @@ def clone_project(source: Path, dest: Path) -> Path:
     MLflow store. The store holds absolute locations under the source's mlruns/ (experiments'
     artifact_location, runs' artifact_uri, logged models' and model versions' storage locations,
     each MLmodel's artifact_path, and pipeline/mlflow_run.json's store URI): left as they are, the
-    copy would read the source's artifacts and log new ones into it. They are moved to the copy."""
-    shutil.copytree(source, dest, symlinks=True,
-                    ignore=lambda folder, names: ["tmp"] if Path(folder) == source / ".dvc" else [])
+    copy would read the source's artifacts and log new ones into it. They are moved to the copy.
+    The source's request log (what other tests' servers classified) is not copied: a copy starts
+    with none."""
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        if Path(folder) == source / ".dvc":
+            return ["tmp"]
+        return ["served"] if Path(folder) == source / "data" else []
+
+    shutil.copytree(source, dest, symlinks=True, ignore=ignore)
     moves = [(source.as_uri() + "/", dest.as_uri() + "/"), (f"{source}/", f"{dest}/")]
     with contextlib.closing(sqlite3.connect(dest / "mlruns" / "mlflow.db")) as db, db:
         tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
