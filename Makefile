@@ -92,8 +92,9 @@ UI_PORT ?= 5000
 ui: setup
 	$(RUN) cleanmessy ui --port $(UI_PORT)
 
-# The REST API: `mlflow models serve` for the version at `production` when it starts (a moved alias
-# is served after a restart), offline, on http://127.0.0.1:5001/invocations (API_PORT)
+# The REST API: MLflow's scoring server (as `mlflow models serve` runs it) for the version at
+# `production` when it starts (a moved alias is served after a restart), offline, on
+# http://127.0.0.1:5001/invocations (API_PORT)
 API_PORT ?= 5001
 api: setup
 	$(RUN) cleanmessy api --stage production --port $(API_PORT)

@@ -108,7 +108,8 @@ def _connect_and_choose_model(args: argparse.Namespace) -> str:
 def _check(args: argparse.Namespace) -> None:
     """What `dvc repro` would choke on before any stage runs: params.yaml (an alias bomb makes DVC
     itself take gigabytes) and a named pipe or device in the folder source or data/feedback (DVC
-    waits on it forever while hashing). Silent when all is well, one line when not."""
+    waits on it forever while hashing); and removes what a killed ingest left (its temporary
+    outputs), unless an ingest is running. Silent when all is well, one line when not."""
     from cleanmessy.params import load_params
     from cleanmessy.project import project_paths
     from cleanmessy.sample import is_recipe
@@ -124,6 +125,10 @@ def _check(args: argparse.Namespace) -> None:
     for folder in folders:
         if folder.is_dir():
             walk_folder(folder)
+    from cleanmessy.stages.ingest import remove_leftovers
+
+    for name in remove_leftovers(paths):  # SIGKILL: ingest could not clean up
+        print(f"cleanmessy check: removed {name}, left by an ingest that was killed", file=sys.stderr)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -179,6 +184,9 @@ def _add_request_log_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from cleanmessy.malloc import give_back_freed_memory
+
+    give_back_freed_memory()  # before TensorFlow and Gradio start their threads
     from cleanmessy.serving.app import serve
 
     if args.auth:
@@ -284,11 +292,16 @@ API_TIMEOUT = 120  # seconds a request may take: MAX_ROWS photos of MAX_PHOTO_BY
 
 
 def _api(args: argparse.Namespace) -> int:
-    """Run `mlflow models serve` (the REST API) for the registered version that --stage's alias
-    (or --model-uri) names now, on the configured store, offline; print its URL and version once
-    /ping answers. The alias is resolved here, once: a moved alias is served after a restart.
-    TensorFlow loads in the server, not here. Returns the server's exit status."""
+    """Run MLflow's scoring server (the app `mlflow models serve` runs, behind the byte budget of
+    serving/rest.py) for the registered version that --stage's alias (or --model-uri) names now,
+    on the configured store, offline; print its URL and version once /ping answers. The alias is
+    resolved and the version downloaded here, once, into a temporary folder removed when the server
+    stops: a moved alias is served after a restart. TensorFlow loads in the server, not here.
+    Returns the server's exit status."""
+    import tempfile
+
     from cleanmessy import requestlog, servers
+    from cleanmessy.serving import rest
 
     if not 1 <= args.workers <= 64:
         raise UserError(f"--workers must be 1 to 64, not {args.workers}")
@@ -296,31 +309,42 @@ def _api(args: argparse.Namespace) -> int:
         raise UserError(f"--max-in-flight must be 2 to 1024, not {args.max_in_flight}")
     request_log = _request_log(args)
 
-    def prepare(base: str) -> servers.ChildServer:
-        from cleanmessy import tracking
+    with tempfile.TemporaryDirectory(prefix="cleanmessy-api-") as downloads:
+        def prepare(base: str) -> servers.ChildServer:
+            import mlflow.artifacts
+            from mlflow.exceptions import MlflowException
 
-        uri = _connect_and_choose_model(args)
-        version = tracking.resolve_version(uri)  # the exact version, now: `models:/name/N`
-        _require_photo_classifier(version.uri)
-        at = "" if tracking.names_exact_version(uri) else f" ({uri}, resolved at start: restart to serve a moved alias)"
-        print(f"REST API for {version.uri}: starting on {base} (Ctrl-C stops it)", flush=True)
-        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
-               requestlog.ENV_MODEL: f"{version.name}/{version.version}",
-               # admission control: past this many open connections a worker answers 503 at once
-               # (uvicorn's --limit-concurrency, which MLflow's command line leaves to the environment)
-               "UVICORN_LIMIT_CONCURRENCY": str(args.max_in_flight)}
-        env.pop(requestlog.ENV_PATH, None)
-        if request_log is not None:  # the registered model, in the server's workers, appends to it
-            env.update({requestlog.ENV_PATH: str(request_log.path),
-                        requestlog.ENV_MAX_MB: str(request_log.max_bytes / 1024 / 1024)})
-        return servers.ChildServer(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", version.uri, "--env-manager", "local",
-             "-h", args.host, "-p", str(args.port), "--workers", str(args.workers), "--timeout", str(API_TIMEOUT)],
-            env, f"{base}/ping",
-            f"serving {version.uri} on {base}/invocations{at}")
+            from cleanmessy import tracking
 
-    return servers.run_server("mlflow models serve", args.host, args.port, "api",
-                              "another `make api`, or another server?", prepare)
+            uri = _connect_and_choose_model(args)
+            version = tracking.resolve_version(uri)  # the exact version, now: `models:/name/N`
+            _require_photo_classifier(version.uri)
+            at = ("" if tracking.names_exact_version(uri)
+                  else f" ({uri}, resolved at start: restart to serve a moved alias)")
+            print(f"REST API for {version.uri}: starting on {base} (Ctrl-C stops it)", flush=True)
+            try:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=version.uri, dst_path=downloads)
+            except (MlflowException, OSError) as exc:
+                raise UserError(tracking.download_error(version.uri, exc)) from None
+            env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
+                   requestlog.ENV_MODEL: f"{version.name}/{version.version}",
+                   # what `mlflow models serve --env-manager local --timeout` gives its web server
+                   "__pyfunc_model_path__": Path(local).resolve().as_uri(),
+                   "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(API_TIMEOUT)}
+            env.pop(requestlog.ENV_PATH, None)
+            if request_log is not None:  # the registered model, in the server's workers, appends to it
+                env.update({requestlog.ENV_PATH: str(request_log.path),
+                            requestlog.ENV_MAX_MB: str(request_log.max_bytes / 1024 / 1024)})
+            host = args.host.strip("[]")
+            # Admission control: past --max-in-flight open connections a worker answers 503 at once
+            # (uvicorn's --limit-concurrency); past its byte budget too (rest.ByteBudget).
+            return servers.ChildServer(
+                [sys.executable, "-m", "uvicorn", "--host", host, "--port", str(args.port), "--workers",
+                 str(args.workers), "--limit-concurrency", str(args.max_in_flight), f"{rest.__name__}:app"],
+                env, f"{base}/ping", f"serving {version.uri} on {base}/invocations{at}")
+
+        return servers.run_server("the REST API server (uvicorn)", args.host, args.port, "api",
+                                  "another `make api`, or another server?", prepare)
 
 
 def _require_photo_classifier(uri: str) -> None:
@@ -434,11 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=_ui)
 
-    api = sub.add_parser("api", help="the REST API: `mlflow models serve` for a registered model",
-                         description="Resolve the stage's alias to its version now, then serve that version "
-                                     "with `mlflow models serve` (offline: --env-manager local) and print its "
-                                     "URL once /ping answers. POST photos, base64 in dataframe_split, to "
-                                     "/invocations. A moved alias is served after a restart. Ctrl-C stops it.")
+    api = sub.add_parser("api", help="the REST API: MLflow's scoring server for a registered model",
+                         description="Resolve the stage's alias to its version now, download it, then serve it "
+                                     "with MLflow's scoring server (the app `mlflow models serve` runs, offline) "
+                                     "and print its URL once /ping answers. POST photos, base64 in "
+                                     "dataframe_split, to /invocations (at most 64 MB a request). A moved alias "
+                                     "is served after a restart. Ctrl-C stops it.")
     _add_model_options(api)
     api.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     api.add_argument("--port", type=int, default=5001)

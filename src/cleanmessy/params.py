@@ -29,6 +29,7 @@ class IngestParams:
     sha256: str = ""  # required for URL sources: the download is checked against it
     min_side: int = 32  # images smaller than this (either side) are rejected
     max_pixels: int = DEFAULT_MAX_PIXELS  # decoding budget: larger images are rejected, never decoded
+    feedback_max_share: float = 0.25  # data/feedback adds at most this share of a class's source photos
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,8 @@ def _check_values(p: Params) -> None:
         raise UserError("params.yaml: cv.folds must be at least 2 and cv.repeats at least 1")
     if p.train.fine_tune_layers < 0 or p.train.fine_tune_epochs < 0:
         raise UserError("params.yaml: train.fine_tune_layers and train.fine_tune_epochs must be >= 0")
+    if not 0 <= p.ingest.feedback_max_share <= 1:
+        raise UserError(f"params.yaml: ingest.feedback_max_share must be in [0, 1], got {p.ingest.feedback_max_share}")
     if not 0 <= p.evaluate.min_accuracy <= 1:
         raise UserError("params.yaml: evaluate.min_accuracy must be in [0, 1]")
     _check_transfer(p)

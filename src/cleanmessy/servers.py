@@ -1,5 +1,5 @@
-"""Servers the CLI runs as child processes (`cleanmessy ui`: `mlflow ui`; `cleanmessy api`: `mlflow
-models serve`): a port in use refused at once, the child in its own process group, its ready line
+"""Servers the CLI runs as child processes (`cleanmessy ui`: `mlflow ui`; `cleanmessy api`: MLflow's
+scoring server under uvicorn): a port in use refused at once, the child in its own process group, its ready line
 printed only once it answers, and stopped, with its whole group, on Ctrl-C, SIGTERM or SIGHUP."""
 
 from __future__ import annotations

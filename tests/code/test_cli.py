@@ -175,6 +175,41 @@ def test_read_only_local_store_is_one_line(tmp_path):
     assert "tensorflow" not in heavy_modules(result)
 
 
+def test_check_removes_what_a_killed_ingest_left_unless_an_ingest_runs(tmp_path):
+    """SIGKILL leaves ingest's temporary outputs (data/.images.partial, ...) and its scratch folder;
+    `cleanmessy check` (run by `make run`) removes them, one line each, but not while an ingest
+    holds data/.ingest.lock; such an ingest refuses a second one in one line."""
+    import shutil
+
+    from cleanmessy.errors import UserError
+    from cleanmessy.params import Params
+    from cleanmessy.project import Paths
+    from cleanmessy.stages import ingest
+
+    from conftest import REPO
+
+    project = tmp_path / "project"
+    (project / "data" / ".images.partial" / "clean").mkdir(parents=True)
+    (project / "data" / ".images.partial" / "clean" / "a.png").write_bytes(b"x" * 1000)
+    (project / "data" / ".manifest.csv.partial").write_text("path,label\n")
+    (project / ".dvc" / "tmp" / "ingest-k1ll3d").mkdir(parents=True)
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    shutil.copy(REPO / "params.yaml", project / "params.yaml")
+    with ingest.running(Paths(project)) as free:  # an ingest is running
+        assert free
+        held = cli("check", cwd=project)
+        assert held.returncode == 0 and held.stderr == "HEAVY=\n" and (project / "data" / ".images.partial").is_dir()
+        with pytest.raises(UserError, match=r"^another ingest is running in this project \(it holds "
+                                            r"data/.ingest.lock\); wait for it to finish$"):
+            ingest.main(Paths(project), Params())
+    cleaned = cli("check", cwd=project)
+    assert cleaned.returncode == 0 and cleaned.stderr.splitlines()[:3] == [
+        f"cleanmessy check: removed {name}, left by an ingest that was killed"
+        for name in ("data/.images.partial", "data/.manifest.csv.partial", ".dvc/tmp/ingest-k1ll3d")]
+    assert sorted(p.name for p in (project / "data").iterdir()) == [".ingest.lock"]
+    assert list((project / ".dvc" / "tmp").iterdir()) == []
+
+
 def test_check_catches_what_dvc_would_choke_on_before_dvc_runs(tmp_path):
     """`make run` runs `cleanmessy check` before `dvc repro`: an alias bomb in params.yaml (DVC
     itself took gigabytes on one) and a named pipe in the folder source (DVC waits on it forever)

@@ -88,7 +88,7 @@ def test_a_correction_keeps_the_photo_by_sha256_and_one_json_line(store, tmp_pat
     (line,) = lines(store)
     assert line.pop("time").endswith("Z")
     assert line == {"model": MODEL, "sha256": sha(data), "prediction": "clean", "familiarity": 0.42,
-                    "unfamiliar": False, "label": "messy", "file": f"messy/{sha(data)}.png"}
+                    "unfamiliar": False, "label": "messy", "file": f"messy/{sha(data)}.png", "client": ""}
     assert "photo" not in store.log_path.read_text() and len(store.log_path.read_bytes()) < 400  # no bytes
 
 
@@ -258,6 +258,51 @@ def test_post_feedback_needs_the_login_when_the_app_has_one(client, store):
     assert http.post("/feedback", files=photo, data={"label": "clean"}).status_code == 200
 
 
+def test_one_client_may_add_only_so_many_corrections_an_hour(tmp_path):
+    """Flooding: past max_per_client new corrections within the window, a client's corrections are
+    refused (`too_many`) and nothing is written; another client is not affected, a photo already
+    kept costs nothing, and the window passes. Each line records its client."""
+    now = [0.0]
+    store = FeedbackStore(tmp_path / "data" / "feedback", max_per_client=2, window=3600, clock=lambda: now[0])
+    first, second, third = image_bytes(40), image_bytes(41), image_bytes(42)
+    assert keep(store, first, "clean", client="address:10.0.0.9").new
+    assert keep(store, second, "clean", client="address:10.0.0.9").new
+    assert not keep(store, first, "clean", client="address:10.0.0.9").new  # already kept: not counted, no error
+    with pytest.raises(FeedbackError, match="too_many: 2 corrections from this client") as refused:
+        keep(store, third, "messy", client="address:10.0.0.9")
+    assert refused.value.reason == "too_many" and "\n" not in str(refused.value)
+    assert not (store.root / "messy").exists() and len(lines(store)) == 2
+    assert keep(store, third, "messy", client="user:alice").new  # someone else
+    now[0] = 3601.0
+    assert keep(store, image_bytes(43), "messy", client="address:10.0.0.9").new  # the hour has passed
+    assert [line["client"] for line in lines(store)] == ["address:10.0.0.9"] * 2 + ["user:alice", "address:10.0.0.9"]
+
+
+def test_post_feedback_past_the_clients_limit_is_429_and_names_the_client(store, tmp_path):
+    """Over HTTP the limit is per address (per user when logged in): 429, one line."""
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    store.max_per_client = 1
+    served = FakeServed({"label": "clean", "clean": 0.8, "messy": 0.2, "familiarity": 0.3, "unfamiliar": False,
+                         "error": ""})
+    with TestClient(Starlette(routes=[feedback_route(store, lambda: served)])) as http:
+        ok = http.post("/feedback", files={"photo": ("a.png", image_bytes(44))}, data={"label": "messy"})
+        refused = http.post("/feedback", files={"photo": ("b.png", image_bytes(45))}, data={"label": "messy"})
+    assert ok.status_code == 200 and refused.status_code == 429
+    assert refused.json()["error"].startswith("too_many: 1 corrections from this client")
+    assert [line["client"] for line in lines(store)] == ["address:testclient"]
+
+
+def test_the_store_leaves_the_disk_free_for_the_pipeline(tmp_path):
+    """A correction that would leave less than min_free bytes on the disk is refused (store_full,
+    HTTP 507) and nothing is written."""
+    store = FeedbackStore(tmp_path / "data" / "feedback", min_free=2**62)
+    with pytest.raises(FeedbackError, match="store_full: feedback store full: the disk has"):
+        keep(store, image_bytes(46), "clean")
+    assert every_file(tmp_path) == []
+
+
 def test_feedback_confirmation_says_what_happens_to_the_photo():
     text = feedback_confirmation("messy", "data/feedback/messy/ab.png", True)
     assert text.startswith("Thank you: kept as **messy**") and "next `dvc repro` trains on it" in text
@@ -276,8 +321,8 @@ def write(folder: Path, files: dict[str, bytes | str]) -> Path:
     return folder
 
 
-SOURCE = {**{f"clean/{i}.png": image_bytes(100 + i) for i in range(3)},
-          **{f"messy/{i}.png": image_bytes(200 + i) for i in range(3)}}
+SOURCE = {**{f"clean/{i}.png": image_bytes(100 + i) for i in range(4)},  # feedback may add 1 a class
+          **{f"messy/{i}.png": image_bytes(200 + i) for i in range(4)}}  # (ingest.feedback_max_share 0.25)
 
 
 def ingest_with(tmp_path: Path, feedback: dict[str, bytes | str] | None, source: dict = SOURCE):
@@ -303,10 +348,11 @@ def test_feedback_photos_join_the_data_named_by_their_label(tmp_path):
     assert row["label"] == "clean" and row["source_path"] == f"data/feedback/clean/{sha(new)}.png"
     assert row["original_split"] == "" and (tmp_path / "out" / row["path"].removeprefix("data/")).read_bytes() == new
     report = result.report
-    assert report["classes"] == {"clean": 4, "messy": 3} and len(manifest) == 7
-    assert report["accepted"] == 7 and report["files"] == 6  # accepted: the images in the data; files: the source's
+    assert report["classes"] == {"clean": 5, "messy": 4} and len(manifest) == 9
+    assert report["accepted"] == 9 and report["files"] == 8  # accepted: the images in the data; files: the source's
     assert report["feedback"] == {"folder": "data/feedback", "photos": 1, "used": 1, "classes": {"clean": 1},
-                                  "duplicates": [], "conflicts": [], "rejections": [], "ignored_folders": []}
+                                  "duplicates": [], "conflicts": [], "over_share": [], "rejections": [],
+                                  "ignored_folders": []}
 
 
 def test_duplicates_are_dropped(tmp_path):
@@ -319,7 +365,25 @@ def test_duplicates_are_dropped(tmp_path):
     assert sorted((d["path"], d["same_as"]) for d in section["duplicates"]) == [
         ("data/feedback/clean/b.png", "data/feedback/clean/a.png"),
         ("data/feedback/messy/copy-of-source.png", "the source")]
-    assert result.manifest["sha256"].value_counts().max() == 1 and len(result.manifest) == 7
+    assert result.manifest["sha256"].value_counts().max() == 1 and len(result.manifest) == 9
+
+
+def test_feedback_adds_at_most_its_share_of_a_class(tmp_path, caplog):
+    """Poisoning through corrections: feedback adds at most ingest.feedback_max_share (0.25) of a
+    class's source photos (4 each here: 1 photo), in path order; the rest are reported and
+    printed, never merged. Another class's share is its own."""
+    new = [image_bytes(310 + i) for i in range(3)]
+    with caplog.at_level(logging.WARNING, logger="cleanmessy.stages.ingest"):
+        result = ingest_with(tmp_path, {**{f"messy/{sha(n)}.png": n for n in new},
+                                        f"clean/{sha(image_bytes(320))}.png": image_bytes(320)})
+    section = result.report["feedback"]
+    assert section["used"] == 2 and section["classes"] == {"clean": 1, "messy": 1}
+    first, *rest = sorted(sha(n) for n in new)
+    assert sorted(o["sha256"] for o in section["over_share"]) == rest
+    assert all(o["label"] == "messy" and o["path"].startswith("data/feedback/messy/") for o in section["over_share"])
+    assert result.report["classes"] == {"clean": 5, "messy": 5}
+    assert first in set(result.manifest["sha256"]) and not set(rest) & set(result.manifest["sha256"])
+    assert "2 feedback photos left out: past ingest.feedback_max_share (0.25)" in caplog.text
 
 
 def test_contradictions_are_reported_not_merged(tmp_path, caplog):
@@ -404,7 +468,7 @@ def test_the_ingest_stage_reads_data_feedback_as_dvc_yaml_declares_it(tmp_path):
     manifest = pd.read_csv(tmp_path / "data" / "manifest.csv", keep_default_na=False)
     assert manifest[manifest["sha256"] == sha(new)]["label"].tolist() == ["messy"]
     report = json.loads((tmp_path / "data" / "ingest_report.json").read_text())
-    assert report["feedback"]["used"] == 1 and report["classes"] == {"clean": 3, "messy": 4}
+    assert report["feedback"]["used"] == 1 and report["classes"] == {"clean": 4, "messy": 5}
     with pytest.raises(UndeclaredInput, match="data/feedback"):
         _ = Paths(tmp_path, declared=frozenset(declaration(REPO / "dvc.yaml", "split", params).files),
                   stage="split").feedback

@@ -295,6 +295,7 @@ def test_dvc_style_params_file_changes_one_line_per_set(tmp_path):
     ("train:\n  learning_rate: .nan\n", "train.learning_rate must be a finite number, got nan"),
     ("train:\n  learning_rate: .inf\n", "train.learning_rate must be a finite number, got inf"),
     ("train:\n  patience: -3\n", "train.patience must be 0 or more, got -3"),
+    ("ingest:\n  feedback_max_share: 1.5\n", "ingest.feedback_max_share must be in [0, 1], got 1.5"),
     ("", "is empty; restore it with `git checkout params.yaml`"),
 ])
 def test_values_that_used_to_end_in_tracebacks_are_one_line_errors(tmp_path, text, message):

@@ -241,6 +241,22 @@ def test_more_than_max_rows_refuses_every_row_in_one_line(api, images):
     assert MAX_PHOTO_BYTES == 15 * 1024 * 1024  # the README's "15 MB a photo"
 
 
+def test_a_photo_over_15_mb_is_a_row_error_and_a_request_over_64_mb_is_413_unread(api, images):
+    """A 20 MB photo is its row's `too_large`; a body over 64 MB is refused from its length alone
+    (413, one line in MLflow's error shape), and the server answers normally after both."""
+    from cleanmessy.serving.rest import MAX_REQUEST_MB
+
+    _, url, _, _ = api
+    (row,) = predictions(url, [b"\xff\xd8" + bytes(20 * 2**20)])
+    assert row["error"] == f"too_large: more than {MAX_PHOTO_BYTES:,} bytes, the most a photo may have", row
+    status, text = post(url, b"{" + b" " * (MAX_REQUEST_MB * 2**20) + b"}")
+    assert status == 413 and MAX_REQUEST_MB == 64  # the README's "over 64 MB"
+    assert json.loads(text) == {"error_code": "RESOURCE_LIMIT_EXCEEDED", "message": (
+        f"the request is {MAX_REQUEST_MB * 2**20 + 2:,} bytes, over the {MAX_REQUEST_MB * 2**20:,}-byte limit: "
+        "send fewer or smaller photos a request")}
+    assert predictions(url, [images[0].read_bytes()])[0]["error"] == ""
+
+
 @pytest.mark.parametrize(("case", "body", "says"), [
     ("not JSON", b"photo.jpg", "valid JSON"),
     ("no image column", {"dataframe_split": {"columns": ["photo"], "data": [["aGVsbG8="]]}},

@@ -31,6 +31,7 @@ from cleanmessy.serving.feedback import (
     NOT_A_ROOM,
     FeedbackError,
     FeedbackStore,
+    client_key,
     feedback_confirmation,
     feedback_route,
     record_correction,
@@ -40,6 +41,7 @@ from cleanmessy.serving.model import DEFAULT_MIN_SIDE, ServedModel
 
 log = logging.getLogger(__name__)
 MAX_UPLOAD = f"{MAX_PHOTO_BYTES // 2**20}mb"  # the registered model's own limit
+CONCURRENCY = 2  # classifications at a time
 MAX_QUEUE = 16  # requests waiting for a worker; more are refused at once
 PANEL_HEIGHT = 320  # px: photo and heat map keep their panel size whatever the photo's size
 CSS = """
@@ -231,11 +233,12 @@ def feedback_ui(store: FeedbackStore, follower: ModelFollower, photo: gr.Image, 
         buttons = {name: gr.Button(text, size="sm", elem_id=f"feedback-{name}") for name, text in choices.items()}
     confirmation = gr.Markdown("", elem_id="feedback-status")
 
-    def correct(photo_path: str | None, chosen: str) -> str:
+    def correct(photo_path: str | None, chosen: str, client: str) -> str:
         if not photo_path:
             return NO_PHOTO
         try:
-            kept = record_correction(store, follower.current, Path(photo_path).read_bytes(), chosen, max_pixels)
+            kept = record_correction(store, follower.current, Path(photo_path).read_bytes(), chosen, max_pixels,
+                                     client)
         except FeedbackError as exc:
             log.warning("feedback refused: %s", exc)
             return f"Not kept ({exc})."
@@ -252,9 +255,14 @@ def feedback_ui(store: FeedbackStore, follower: ModelFollower, photo: gr.Image, 
     label.change(shown, label, [buttons_row, confirmation], show_progress="hidden", api_visibility="private")
     for gone in (photo.upload, photo.clear):
         gone(lambda: shown(None), None, [buttons_row, confirmation], show_progress="hidden", api_visibility="private")
+    def clicked(chosen: str) -> Callable[..., str]:
+        def click(photo_path: str | None, request: gr.Request) -> str:  # Gradio passes the request
+            address = request.client.host if request.client else None
+            return correct(photo_path, chosen, client_key(request.username, address))
+        return click
+
     for name, button in buttons.items():
-        button.click(lambda path, chosen=name: correct(path, chosen), photo, confirmation,
-                     show_progress="minimal", api_visibility="private")
+        button.click(clicked(name), photo, confirmation, show_progress="minimal", api_visibility="private")
 
 
 def build_app(follower: ModelFollower, examples: list[str], max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -439,6 +447,13 @@ class LoginLimiter:
         return False
 
 
+def admit(demo: gr.Blocks) -> gr.Blocks:
+    """Admission control: CONCURRENCY classifications at a time, at most MAX_QUEUE waiting; past
+    that a client is told at once that the queue is full (Gradio's 503 "Queue is full": busy,
+    retry), not left to time out. Uploads are not queued: they go to disk, capped at MAX_UPLOAD."""
+    return demo.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE)
+
+
 def auth_from(value: str | None) -> tuple[str, str] | None:
     """`user:password` from --auth or CLEANMESSY_AUTH, for Gradio's basic login."""
     value = value or os.environ.get("CLEANMESSY_AUTH")
@@ -466,9 +481,7 @@ def serve(model_uri: str, host: str, port: int, auth: str | None, max_pixels: in
     demo = build_app(follower, examples, max_pixels, delete_cache=(upload_ttl, upload_ttl), feedback=store)
     # POST /feedback, on the app before it serves (a route added after launch could miss early requests)
     routes = [feedback_route(store, lambda: follower.current, max_pixels)] if store is not None else []
-    # Admission control: two classifications at a time, at most MAX_QUEUE waiting; past that a client
-    # is told at once that the queue is full (Gradio's "busy, retry"), not left to time out.
-    demo.queue(default_concurrency_limit=2, max_size=MAX_QUEUE)
+    admit(demo)
     try:
         demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False,
                     auth=LoginLimiter(*credentials) if credentials else None,

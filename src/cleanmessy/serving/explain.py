@@ -43,9 +43,22 @@ def gradcam_function(model: keras.Model, image_size: int):
     return explain
 
 
-def overlay(photo: Image.Image, cam: np.ndarray, alpha: float = 0.45) -> Image.Image:
-    """The heat map (jet colours) blended over the photo, at the photo's size."""
+OVERLAY_MAX_SIDE = 1024  # px: the app shows the heat map in a 320 px panel
+
+
+def overlay(photo: Image.Image, cam: np.ndarray, alpha: float = 0.45,
+            max_side: int = OVERLAY_MAX_SIDE) -> Image.Image:
+    """The heat map (jet colours) blended over the photo, at the photo's size or, for a photo
+    larger than `max_side`, scaled to fit it (aspect kept): a 40 MP photo's full-size overlay took
+    over a gigabyte while the app shows it in a 320 px panel."""
+    if max(photo.size) > max_side:
+        scale = max_side / max(photo.size)
+        photo = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))),
+                             Image.Resampling.BILINEAR, reducing_gap=3.0)
     heat = Image.fromarray(np.uint8(np.clip(cam, 0, 1) * 255)).resize(photo.size, Image.Resampling.BILINEAR)
-    coloured = colormaps["jet"](np.asarray(heat) / 255.0)[..., :3]
+    coloured = _JET[np.asarray(heat)]  # float32 RGB in [0, 1], looked up per 8-bit level
     blended = (1 - alpha) * np.asarray(photo.convert("RGB"), dtype=np.float32) / 255.0 + alpha * coloured
     return Image.fromarray(np.uint8(np.clip(blended, 0, 1) * 255))
+
+
+_JET = colormaps["jet"](np.arange(256) / 255.0)[:, :3].astype(np.float32)

@@ -9,8 +9,12 @@ else. `data/feedback` is a dependency of the ingest stage (dvc.yaml): the next `
 the class folders into the training data (stages/ingest.py); `not-a-room/` never becomes training
 data. What the model said is the server's own classification of the same bytes, never the client's.
 
-The store is bounded (MAX_STORE_PHOTOS photos, MAX_STORE_BYTES bytes): past either, a correction is
-refused with "feedback store full"."""
+The store is bounded (MAX_STORE_PHOTOS photos, MAX_STORE_BYTES bytes, and never past MIN_FREE_BYTES
+left on the disk): past any, a correction is refused with "feedback store full". One client (the
+logged-in user, else the client's address) may add at most MAX_PER_CLIENT corrections an hour, so
+no one can fill the store or flood the training data alone; each line records that client, so a
+bad actor's corrections can be found and removed before the next `dvc repro`. Ingest bounds what
+feedback may add to each class (`ingest.feedback_max_share`)."""
 
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +46,10 @@ NOT_A_ROOM = FEEDBACK_NOT_A_ROOM  # the folder and label of "not a room"; the ap
 CORRECTIONS = "corrections.jsonl"
 MAX_STORE_PHOTOS = 10_000
 MAX_STORE_BYTES = 500 * 2**20  # photos and corrections.jsonl together
+MIN_FREE_BYTES = 2**30  # the disk keeps at least this free: corrections never fill it for the pipeline
+MAX_PER_CLIENT = 100  # new corrections a client may add within CLIENT_WINDOW seconds
+CLIENT_WINDOW = 3600.0
+MAX_CLIENTS_TRACKED = 10_000  # bounded memory: clients whose corrections are all older are forgotten
 OTHER_SUFFIX = ".img"  # a format FORMAT_SUFFIX does not name (ingest names it so too)
 
 
@@ -97,11 +107,29 @@ class FeedbackStore:
     """`data/feedback` of a project: photos by label and content hash, and the corrections' log."""
 
     def __init__(self, root: Path, project_root: Path | None = None, max_photos: int = MAX_STORE_PHOTOS,
-                 max_bytes: int = MAX_STORE_BYTES) -> None:
+                 max_bytes: int = MAX_STORE_BYTES, min_free: int = MIN_FREE_BYTES,
+                 max_per_client: int = MAX_PER_CLIENT, window: float = CLIENT_WINDOW,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.root = Path(root)
         self.project_root = Path(project_root) if project_root else self.root.parent.parent
-        self.max_photos, self.max_bytes = max_photos, max_bytes
-        self._lock = threading.Lock()  # one correction at a time: the size check, the write and the line
+        self.max_photos, self.max_bytes, self.min_free = max_photos, max_bytes, min_free
+        self.max_per_client, self.window, self._clock = max_per_client, window, clock
+        self._recent: dict[str, list[float]] = {}  # client -> times of its new corrections in the window
+        self._lock = threading.Lock()  # one correction at a time: the checks, the write and the line
+
+    def _admit(self, client: str) -> None:
+        """FeedbackError `too_many` when `client` has added max_per_client corrections within the
+        window; otherwise counts this one. Called under the lock."""
+        now = self._clock()
+        recent = [t for t in self._recent.get(client, []) if now - t < self.window]
+        if len(recent) >= self.max_per_client:
+            self._recent[client] = recent
+            raise FeedbackError("too_many", f"{len(recent)} corrections from this client in the last "
+                                            f"{self.window / 60:.0f} minutes, the most one client may send; "
+                                            "try again later")
+        if len(self._recent) >= MAX_CLIENTS_TRACKED and client not in self._recent:
+            self._recent = {k: v for k, v in self._recent.items() if v and now - v[-1] < self.window}
+        self._recent[client] = [*recent, now]
 
     @property
     def log_path(self) -> Path:
@@ -145,12 +173,13 @@ class FeedbackStore:
 
     def store(self, photo_bytes: bytes, corrected_label: str, *, model: str, classes: list[str],
               prediction: str | None, familiarity: float | None, unfamiliar: bool | None,
-              min_side: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS) -> Correction:
+              min_side: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, client: str = "") -> Correction:
         """Keep a correction: the photo under `<label>/<sha256>.<ext>` (written to a temporary name
         in that folder, then renamed) and its JSON line. `classes`: the served model's class names;
         the label is one of them or `not-a-room`. `model` is "name/version"; `prediction`,
         `familiarity` and `unfamiliar` are what that model said of this photo. The same photo
-        corrected again to the same label writes nothing and returns `new=False`."""
+        corrected again to the same label writes nothing and returns `new=False`. `client` (a user
+        name or an address) is recorded, and limited to max_per_client new corrections a window."""
         label = label_from(corrected_label)
         allowed = labels_for(classes)
         if label not in allowed:
@@ -163,7 +192,8 @@ class FeedbackStore:
         target = self.root / label / f"{sha256}{FORMAT_SUFFIX.get(fmt, OTHER_SUFFIX)}"
         line = json.dumps({"time": _now(), "model": model, "sha256": sha256, "prediction": prediction,
                            "familiarity": _plain(familiarity), "unfamiliar": _plain(unfamiliar), "label": label,
-                           "file": f"{label}/{target.name}"}, separators=(",", ":"), allow_nan=False) + "\n"
+                           "file": f"{label}/{target.name}", "client": client[:200]},
+                          separators=(",", ":"), allow_nan=False) + "\n"
         with self._lock:
             if target.is_file():
                 return Correction(target, self.relative(target), sha256, label, new=False)
@@ -172,6 +202,12 @@ class FeedbackStore:
                 raise FeedbackError("store_full", f"feedback store full ({photos:,} photos, {size / 2**20:.0f} MB in "
                                                   f"{self.relative(self.root)}; limits {self.max_photos:,} photos, "
                                                   f"{self.max_bytes / 2**20:.0f} MB): this correction is not kept")
+            free = shutil.disk_usage(self.root if self.root.is_dir() else self.project_root).free
+            if free - len(photo_bytes) < self.min_free:
+                raise FeedbackError("store_full", f"feedback store full: the disk has {free / 2**20:,.0f} MB free and "
+                                                  f"keeps at least {self.min_free / 2**20:,.0f} MB for the pipeline; "
+                                                  "this correction is not kept")
+            self._admit(client)
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(f".{uuid.uuid4().hex}.part")
             try:
@@ -197,7 +233,7 @@ def feedback_confirmation(label: str, relative: str, new: bool) -> str:
 
 
 def record_correction(store: FeedbackStore, served: ServedModel, photo_bytes: bytes, label: str,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> Correction:
+                      max_pixels: int = DEFAULT_MAX_PIXELS, client: str = "") -> Correction:
     """A correction of what `served` says of `photo_bytes`: the photo is checked first (as the app
     checks uploads: the model's smallest side, the server's pixel budget), then classified here,
     by the served model itself, so what the log says the model predicted is the server's answer,
@@ -214,27 +250,35 @@ def record_correction(store: FeedbackStore, served: ServedModel, photo_bytes: by
     version = served.version
     return store.store(photo_bytes, label, model=f"{version.name}/{version.version}", classes=served.class_names,
                        prediction=str(row["label"]), familiarity=row.get("familiarity"),
-                       unfamiliar=row.get("unfamiliar"), min_side=served.min_side, max_pixels=max_pixels)
+                       unfamiliar=row.get("unfamiliar"), min_side=served.min_side, max_pixels=max_pixels,
+                       client=client)
 
 
 # ---------------------------------------------------------------- the HTTP endpoint
 
-STATUS = {"store_full": 507}  # any other FeedbackError: 400
+STATUS = {"store_full": 507, "too_many": 429}  # any other FeedbackError: 400
 
 
 class _TooLarge(Exception):
     pass
 
 
-def _logged_in(request: Any) -> bool:
-    """Gradio's login (--auth): the cookie its /login sets names a logged-in user. Without a login
-    (a plain Starlette app, or Gradio without --auth) everyone is."""
+def _user(request: Any) -> str | None:
+    """Gradio's login (--auth): the user the cookie its /login sets names, None when not logged
+    in; "" without a login (a plain Starlette app, or Gradio without --auth), where everyone is."""
     app = request.app
     if getattr(app, "auth", None) is None and getattr(app, "auth_dependency", None) is None:
-        return True
+        return ""
     cookie_id, cookies = getattr(app, "cookie_id", ""), request.cookies
     token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
-    return bool(token) and getattr(app, "tokens", {}).get(token) is not None
+    user = getattr(app, "tokens", {}).get(token) if token else None
+    return None if user is None else str(user)
+
+
+def client_key(user: str | None, address: str | None) -> str:
+    """Who sent a correction, for the per-client limit and the log: the logged-in user, else the
+    client's address."""
+    return f"user:{user}" if user else f"address:{address or 'unknown'}"
 
 
 def feedback_route(store: FeedbackStore, current: Callable[[], ServedModel], max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -256,7 +300,8 @@ def feedback_route(store: FeedbackStore, current: Callable[[], ServedModel], max
         return JSONResponse({"error": message}, status_code=status)
 
     async def feedback(request: Request) -> JSONResponse:
-        if not _logged_in(request):
+        user = _user(request)
+        if user is None:
             return refuse(401, "not logged in: log in through the app's /login first (the server runs with --auth)")
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > max_body:
@@ -289,7 +334,8 @@ def feedback_route(store: FeedbackStore, current: Callable[[], ServedModel], max
         finally:
             await form.close()
         try:
-            kept = await run_in_threadpool(record_correction, store, current(), data, label, max_pixels)
+            client = client_key(user, request.client.host if request.client else None)
+            kept = await run_in_threadpool(record_correction, store, current(), data, label, max_pixels, client)
         except FeedbackError as exc:
             return refuse(STATUS.get(exc.reason, 400), str(exc))
         except OSError as exc:  # a full disk, a read-only project

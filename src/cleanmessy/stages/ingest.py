@@ -8,12 +8,14 @@ Every file is validated; bad ones are reported with a reason and left out. The s
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -534,6 +536,24 @@ def _log_bounded(lines: list[str], what: str) -> None:
         log.warning("ingest: ... and %d more feedback %s (see ingest_report.json)", len(lines) - FEEDBACK_SHOWN, what)
 
 
+def _within_share(merged: list[Accepted], table: AcceptedTable, kept: np.ndarray, share: float,
+                  folder_rel: str) -> tuple[list[Accepted], list[dict]]:
+    """The feedback photos to merge, at most `share` x the class's source photos (the rows `kept`)
+    for each class, in the order given (by path: label, then content hash), and those left out.
+    Corrections, which anyone using the app can send, never outweigh the data: poisoning a class
+    takes more than its share."""
+    source = table.counts(kept, table.labels, table.label_codes) if len(kept) else {}
+    taken: Counter[str] = Counter()
+    within, over = [], []
+    for a in merged:
+        if taken[a.label] < math.floor(share * source.get(a.label, 0)):
+            taken[a.label] += 1
+            within.append(a)
+        else:
+            over.append({"path": f"{folder_rel}/{a.source_path}", "sha256": a.sha256, "label": a.label})
+    return within, over
+
+
 def merge_feedback(folder: Path, folder_rel: str, table: AcceptedTable, kept: np.ndarray, classes: Iterable[str],
                    params: IngestParams, staging: Path, workers: int) -> tuple[np.ndarray, dict | None]:
     """Add the photos of `folder`'s class folders (`<class>/<file>`, the classes of the ingested
@@ -597,6 +617,7 @@ def merge_feedback(folder: Path, folder_rel: str, table: AcceptedTable, kept: np
         for c, path in zip(copies[first:], paths[first:], strict=True):
             duplicates.append({"path": path, "sha256": sha256, "label": c.label,
                                "same_as": "the source" if known else paths[0]})
+    merged, over_share = _within_share(merged, table, kept, params.feedback_max_share, folder_rel)
     readers = dict(entries)
     new_rows = []
     for a in merged:
@@ -611,6 +632,7 @@ def merge_feedback(folder: Path, folder_rel: str, table: AcceptedTable, kept: np
         "classes": dict(sorted(counts.items())),
         "duplicates": duplicates,
         "conflicts": conflicts,
+        "over_share": over_share,
         "rejections": [{**asdict(r), "source_path": f"{folder_rel}/{r.source_path}"} for r in rejected],
         "ignored_folders": sorted(ignored),
     }
@@ -619,6 +641,10 @@ def merge_feedback(folder: Path, folder_rel: str, table: AcceptedTable, kept: np
                   + f" (sha256 {c['sha256'][:16]}): not merged" for c in conflicts], "conflicts")
     _log_bounded([f"ingest: feedback {folder_rel}/{r.source_path} left out: {r.reason} ({r.detail})"
                   for r in rejected], "rejections")
+    if over_share:
+        log.warning("ingest: %d feedback photos left out: past ingest.feedback_max_share (%g) of their class's "
+                    "source photos (%s); see the report's over_share", len(over_share), params.feedback_max_share,
+                    dict(sorted(Counter(o["label"] for o in over_share).items())))
     for name in sorted(ignored):
         log.warning("ingest: feedback folder %s/%s/ is not a class of this data: ignored", folder_rel, name)
     log.info("ingest: %d feedback photos merged (%s), %d duplicates, %d conflicts, %d rejected", len(merged),
@@ -794,7 +820,68 @@ def run_ingest(files: Iterable[tuple[str | PurePosixPath, Reader]], params: Inge
     return result
 
 
+LOCK_NAME = ".ingest.lock"
+
+
+def _temporary_outputs(paths: Paths) -> list[Path]:
+    """Where ingest writes its outputs before swapping them in (run_ingest and main's `prepare`)."""
+    return [out.with_name(f".{out.name}.partial") for out in (paths.images, paths.manifest, paths.ingest_report)]
+
+
+@contextlib.contextmanager
+def running(paths: Paths) -> Iterator[bool]:
+    """An exclusive flock on data/.ingest.lock while ingest runs; yields whether it was free. The
+    kernel releases it when the process ends, however it ends (SIGKILL too), so a lock that is free
+    means that no ingest of this project is running."""
+    import fcntl
+
+    paths.images.parent.mkdir(parents=True, exist_ok=True)
+    with open(paths.images.parent / LOCK_NAME, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def remove_leftovers(paths: Paths) -> list[str]:
+    """What a killed ingest left (its temporary outputs, its scratch folders), removed unless an
+    ingest is running; the names removed, relative to the project. Writes nothing when there are none."""
+
+    def leftovers() -> list[Path]:
+        found = [p for p in _temporary_outputs(paths) if p.exists() or p.is_symlink()]
+        scratch = paths.root / ".dvc" / "tmp"
+        if scratch.is_dir():
+            found += sorted(p for p in scratch.glob("ingest-*") if p.is_dir() and not p.is_symlink())
+        return found
+
+    if not leftovers():
+        return []
+    with running(paths) as free:
+        if not free:
+            return []
+        found = leftovers()
+        for path in found:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return [p.relative_to(paths.root).as_posix() for p in found]
+
+
 def main(paths: Paths, params: Params) -> None:
+    with running(paths) as free:
+        if not free:
+            raise UserError(f"another ingest is running in this project (it holds "
+                            f"{(paths.images.parent / LOCK_NAME).relative_to(paths.root)}); wait for it to finish")
+        _main(paths, params)
+
+
+def _main(paths: Paths, params: Params) -> None:
     p = params.ingest
     # Removed on the way out, also after an error; only a killed process leaves it behind.
     with tempfile.TemporaryDirectory(prefix="ingest-", dir=scratch_dir(paths.root)) as tmp:
@@ -804,8 +891,8 @@ def main(paths: Paths, params: Params) -> None:
         def prepare(result: IngestResult) -> list[tuple[Path, Path]]:
             """The manifest and the report, at temporary names beside them."""
             paths.manifest.parent.mkdir(parents=True, exist_ok=True)
-            pending = [(paths.manifest.with_name(f".{paths.manifest.name}.partial"), paths.manifest),
-                       (paths.ingest_report.with_name(f".{paths.ingest_report.name}.partial"), paths.ingest_report)]
+            pending = [(temporary, final) for temporary, final in
+                       zip(_temporary_outputs(paths)[1:], (paths.manifest, paths.ingest_report), strict=True)]
             try:
                 result.write_manifest(pending[0][0])
                 pending[1][0].write_text(json.dumps({"source": p.source, "source_kind": kind, **result.report},
