@@ -9,14 +9,17 @@ RUN := $(UV) run --frozen
 # No telemetry or start-up chatter settings here: `cleanmessy` sets them for itself and the tools
 # it starts (console.QUIET_ENVIRONMENT), and DVC's analytics are off in .dvc/config.
 
-.PHONY: setup browser postgres run test ui serve api docker real grid clean-outputs
+.PHONY: setup browser postgres run test test-fast ui serve api docker real grid clean-outputs
 
 .tools/bin/uv:
 	python3 -m venv .tools
 	.tools/bin/pip install --quiet --disable-pip-version-check uv
 
+# --compile-bytecode: every module compiled once, here. Python otherwise compiles TensorFlow's,
+# MLflow's and DVC's sources again in every process that cannot write __pycache__
+# (PYTHONDONTWRITEBYTECODE, as in many containers, or a read-only venv): 5-10 s of each command.
 setup: $(UV)
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
 
 run: setup
 	$(RUN) cleanmessy check   # what DVC would choke on: a params alias bomb, a named pipe in the source
@@ -39,10 +42,17 @@ postgres:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; \
 	else echo "no apt-get: install PostgreSQL's server programs for the team-server test"; fi
 
-# The linter first (ruff, configured in pyproject.toml), then the whole suite.
+# The linter first (ruff, configured in pyproject.toml), then the whole suite: CI's command.
 test: setup browser postgres
 	$(RUN) ruff check src tests bench
 	$(RUN) pytest
+
+# The edit loop, a few minutes: the linter, every test not marked slow (the code's own tests), and one
+# smoke test of each server (marked smoke: the app, the REST API, the MLflow UI, a tracking server).
+FAST = -m "smoke or not slow"
+test-fast: setup browser postgres
+	$(RUN) ruff check src tests bench
+	$(RUN) pytest $(FAST)
 
 # The Gradio app for the model at the `production` stage: http://127.0.0.1:7860 (SERVE_PORT).
 # `make serve FEEDBACK=on`: users can correct a label; the photos are kept in data/feedback/ and the

@@ -29,6 +29,8 @@ import yaml
 from cleanmessy.console import QUIET_ENVIRONMENT
 from cleanmessy.params import with_changes
 
+from suite_clock import SuiteClock
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REAL_PHOTOS = SHARED / "datasets" / "clean-messy"
@@ -47,6 +49,10 @@ TINY_PARAMS = {
     "evaluate": {"min_accuracy": 0.0},
 }
 TINY_SAMPLE = {"per_class": 10, "size": 32, "seed": 0}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(SuiteClock(), "suite-clock")  # each test's time, the suite's wall and CPU
 
 
 def tool_env(**extra: str) -> dict[str, str]:

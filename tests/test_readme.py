@@ -7,6 +7,9 @@ command's outcome."""
 from __future__ import annotations
 
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ MANUALS = ("README.md", "docs/team.md")
 TESTED = {
     "make run": (FRESH, 'sh("make run"'),
     "make test": (".ci/run", "make test"),
+    "make test-fast": ("tests/test_readme.py", '["make", "-n", "test-fast", "UV=/usr/bin/true"]'),
     "source .venv/bin/activate": (FRESH, "activated=True"),
     "dvc metrics show": (FRESH, 'sh("dvc metrics show"'),
     "dvc plots show": (FRESH, 'sh("dvc plots show"'),
@@ -117,3 +121,28 @@ def test_readme_is_the_manual_not_the_lab_notebook():
     assert len((REPO / "README.md").read_bytes()) <= 22_000
     for link in re.findall(r"\]\((docs/[^)#]+)", (REPO / "README.md").read_text()):
         assert (REPO / link).is_file(), link
+
+
+def collect(*args: str) -> tuple[set[str], int]:
+    """The test ids pytest collects here with these arguments, and how many tests there are in all."""
+    done = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only", "-q", "-p", "no:cacheprovider"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]
+    (total,) = re.findall(r"^\d+/(\d+) tests collected", done.stdout, flags=re.M)
+    return {line for line in done.stdout.splitlines() if "::" in line}, int(total)
+
+
+def test_make_test_fast_runs_the_code_tests_and_one_smoke_test_of_each_server():
+    """`make test-fast`, the edit loop: its recipe's pytest command (read from `make -n`, so the
+    Makefile is what is checked) selects every test not marked slow, and of the slow ones exactly
+    one of each server: the Gradio app, the REST API, the MLflow UI and a tracking server. It is
+    collected here, not run (that would run the suite inside the suite); docs/testing.md gives its
+    time."""
+    recipe = subprocess.run(["make", "-n", "test-fast", "UV=/usr/bin/true"], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    (command,) = [shlex.split(line) for line in recipe if line.startswith("/usr/bin/true run --frozen pytest")]
+    (tier, total), (slow, _) = collect(*command[4:]), collect("-m", "slow")
+    servers = sorted(test.split("::")[0] for test in tier & slow)
+    assert servers == ["tests/code/test_ui.py", "tests/pipeline/test_tracking_server.py", "tests/serving/test_api.py",
+                       "tests/serving/test_serving.py"], servers  # one test each
+    assert len(tier | slow) == total and len(tier) > len(slow) > 50  # and every test not marked slow

@@ -54,6 +54,7 @@ def test_real_photos_split_is_stratified(tmp_path):
 WEIGHTS = REAL_PHOTOS.parents[1] / "keras-weights"
 
 
+@pytest.mark.slow  # trains MobileNetV2 on 152 photos at 224 px
 @pytest.mark.skipif(not (WEIGHTS / "mobilenet_v2_0.35_224_no_top_tm.h5").is_file(), reason=f"no weights in {WEIGHTS}")
 def test_best_configuration_learns_the_real_photos(tmp_path, monkeypatch):
     """Model behaviour: the real-photo configuration (MobileNetV2 0.35, logistic head, 20 views)

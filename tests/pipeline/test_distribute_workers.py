@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import VENV_BIN, clone_project, fingerprint, free_port, run, set_params, tool_env
 
+pytestmark = pytest.mark.slow
 TIME_LIMIT = 420  # seconds for both workers; a worker that never meets the other would wait forever
 
 

@@ -474,23 +474,25 @@ def test_multi_view_experiment_registers_a_model_that_predict_loads(own_project,
     assert np.allclose(frame[["clean", "messy"]].sum(axis=1), 1.0, atol=1e-4)
 
 
-def test_sigterm_marks_the_run_failed_and_the_previous_model_is_evaluated(tmp_path):
+def test_sigterm_marks_the_run_failed_and_the_previous_model_is_evaluated(own_project):
     """A scheduler or `docker stop` sends SIGTERM: train stops with exit 143, its MLflow run is
     FAILED (not RUNNING forever), and the previous model file is untouched (written to a temporary
     name and renamed). The next `evaluate` evaluates that model and logs into the run that trained
-    it, never into the failed run."""
+    it (a second evaluation there, a second version from it), never into the failed run."""
     import signal
     import subprocess
     import time
 
-    from conftest import copy_project, tool_env
+    from conftest import tool_env
 
-    project = copy_project(tmp_path / "project")
-    run(["dvc", "repro", "train"], project)
+    project = own_project  # trained, evaluated and registered once by the session's `dvc repro`
     model = project / "pipeline" / "model.keras"
     model_md5 = hashlib.md5(model.read_bytes()).hexdigest()
     mlflow_client = client(project)
     (trained,) = mlflow_client.search_runs(["1"])
+    evaluations = len(mlflow_client.get_metric_history(trained.info.run_id, "test_accuracy"))
+    versions = len(mlflow_client.search_model_versions(f"run_id='{trained.info.run_id}'"))
+    assert (evaluations, versions) == (1, 1)
 
     set_params(project, {"train": {"epochs": 500, "patience": 500}})
     process = subprocess.Popen(["cleanmessy", "train"], cwd=project, env=tool_env(), stdout=subprocess.PIPE,
@@ -510,7 +512,8 @@ def test_sigterm_marks_the_run_failed_and_the_previous_model_is_evaluated(tmp_pa
     assert hashlib.md5(model.read_bytes()).hexdigest() == model_md5
 
     run(["cleanmessy", "evaluate"], project)
-    assert "test_accuracy" in mlflow_client.get_run(trained.info.run_id).data.metrics
+    assert len(mlflow_client.get_metric_history(trained.info.run_id, "test_accuracy")) == evaluations + 1
+    assert len(mlflow_client.search_model_versions(f"run_id='{trained.info.run_id}'")) == versions + 1
     assert "test_accuracy" not in mlflow_client.get_run(failed.info.run_id).data.metrics
     assert not mlflow_client.search_model_versions(f"run_id='{failed.info.run_id}'")
 

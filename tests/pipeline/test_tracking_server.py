@@ -25,7 +25,8 @@ from mlflow import MlflowClient
 
 from cleanmessy import tracking
 
-from conftest import VENV_BIN, copy_project, free_port, job_runner_processes, run, server, serving, tool_env
+from conftest import (VENV_BIN, copy_project, free_port, job_runner_processes, run, server, serving, set_params,
+                      tool_env)
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +47,7 @@ def tracking_server(tmp_path_factory):
         yield url, cwd, process.pid
 
 
+@pytest.mark.smoke  # `make test-fast`: this server starts and answers
 def test_the_server_runs_without_the_job_runner(tracking_server):
     """MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false: none of MLflow's job runner processes (huey) beside
     the server, which otherwise start with it and slow everything on a small machine."""
@@ -83,14 +85,16 @@ def test_pipeline_registers_and_serves_through_a_tracking_server(tracking_server
     assert out.read_text().splitlines()[0].startswith("path,label")
 
 
-def test_a_workspace_that_ran_locally_moves_to_the_server_with_force(tracking_server, tmp_path):
+def test_a_workspace_that_ran_locally_moves_to_the_server_with_force(tracking_server, own_project):
     """After a local run DVC sees nothing to do, whatever MLFLOW_TRACKING_URI says; `dvc repro
     --force` (as the README says) trains, evaluates and registers again, on the server."""
     url, _, _ = tracking_server
-    project = copy_project(tmp_path / "project", params={"evaluate": {"model_name": "moved-to-server"}})
-    run(["dvc", "repro"], project)
+    project = own_project  # the session's local run, copied; evaluated again under a name of its own
+    set_params(project, {"evaluate": {"model_name": "moved-to-server"}})
+    assert "Running stage 'train'" not in run(["dvc", "repro"], project).stdout
     assert "up to date" in run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url).stdout
-    run(["dvc", "repro", "--force"], project, MLFLOW_TRACKING_URI=url)
+    forced = run(["dvc", "repro", "--force"], project, MLFLOW_TRACKING_URI=url)
+    assert "Running stage 'train'" in forced.stdout
     client = MlflowClient(tracking_uri=url, registry_uri=url)
     version = client.get_model_version_by_alias("moved-to-server", "production")
     noted = json.loads((project / "pipeline/mlflow_run.json").read_text())

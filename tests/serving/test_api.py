@@ -167,6 +167,7 @@ def test_rest_and_predict_agree_on_20_photos(api, images, tmp_path):
         assert answer[CLASSES[0]] + answer[CLASSES[1]] == pytest.approx(1, abs=1e-5)
 
 
+@pytest.mark.smoke  # `make test-fast`: this server starts and answers
 def test_the_readme_request_answers_as_predict_does(api, images, tmp_path):
     """The README's `printf` and `curl` lines, run as they are (on this server's port) in a folder
     holding photo.jpg: the answer has the README's shape and predict's label and probabilities."""

@@ -89,6 +89,7 @@ def confidences(label_output: dict) -> dict[str, float]:
     return {c["label"]: c["confidence"] for c in label_output["confidences"]}
 
 
+@pytest.mark.smoke  # `make test-fast`: this server starts and answers
 def test_app_and_cli_agree(app, photos, tmp_path):
     """For every input shape, the app's label and confidences equal the predict CLI's."""
     project, url, _ = app
