@@ -18,6 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DURATIONS = REPO / "build" / "test-durations.csv"
 SHOWN = 20
+WIDTH = 100  # a terminal's columns
 
 
 def _cpu() -> tuple[float, float]:
@@ -61,9 +62,11 @@ class SuiteClock:
             writer.writerows([nodeid, *(f"{value:.2f}" for value in values), outcome]
                              for nodeid, *values, outcome in rows)
         write = terminalreporter.write_line
-        terminalreporter.section(f"the {min(SHOWN, len(rows))} slowest tests (setup + call + teardown)")
+        terminalreporter.section(f"the {min(SHOWN, len(rows))} slowest tests", sep="-")
+        write("  total s  setup s  test (whole ids in the file named below)")
         for nodeid, total, setup, _call, _teardown, _ in rows[:SHOWN]:
-            write(f"{total:7.1f} s  (setup {setup:6.1f})  {nodeid}"[:200])
+            line = f"{total:9.1f}{setup:9.1f}  {nodeid}"
+            write(line if len(line) <= WIDTH else line[:WIDTH - 1] + "…")
         write(f"suite: {len(rows)} tests in {wall:.0f} s wall, {own + children:.0f} s CPU ({own:.0f} s pytest, "
               f"{children:.0f} s the processes it waited for)")
         write(f"every test's time: {self.path.relative_to(REPO) if self.path.is_relative_to(REPO) else self.path}")
