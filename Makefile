@@ -48,9 +48,10 @@ test: setup browser postgres
 	$(RUN) pytest
 
 # The edit loop, a few minutes: the linter, every test not marked slow (the code's own tests), and one
-# smoke test of each server (marked smoke: the app, the REST API, the MLflow UI, a tracking server).
+# smoke test of each server (marked smoke: the app, the REST API, the MLflow UI, a tracking server);
+# none of them needs Chromium or PostgreSQL.
 FAST = -m "smoke or not slow"
-test-fast: setup browser postgres
+test-fast: setup
 	$(RUN) ruff check src tests bench
 	$(RUN) pytest $(FAST)
 

@@ -39,8 +39,14 @@ class SuiteClock:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.phases[report.nodeid][report.when] = report.duration
-        if report.when == "call" or report.outcome != "passed":  # a failed setup is the test's outcome
-            self.outcomes.setdefault(report.nodeid, report.outcome)
+        if hasattr(report, "wasxfail"):
+            outcome = "xfailed" if report.skipped else "xpassed"
+        elif report.failed and report.when != "call":
+            outcome = "error"  # in a fixture's setup or teardown, as pytest counts it
+        else:
+            outcome = report.outcome
+        if report.when != "teardown" or outcome == "error":  # the call's outcome, unless a fixture failed
+            self.outcomes[report.nodeid] = outcome
 
     def rows(self) -> list[tuple[str, float, float, float, float, str]]:
         rows = []
@@ -49,9 +55,8 @@ class SuiteClock:
             rows.append((nodeid, setup + call + teardown, setup, call, teardown, self.outcomes.get(nodeid, "passed")))
         return sorted(rows, key=lambda row: -row[1])
 
-    def pytest_terminal_summary(self, terminalreporter) -> None:
-        wall = time.monotonic() - self.started
-        own, children = (now - then for now, then in zip(_cpu(), self.cpu_started))
+    def pytest_sessionfinish(self) -> None:
+        """The file, whether or not a summary is printed (`--no-summary`); nothing when no test ran."""
         rows = self.rows()
         if not rows:
             return
@@ -61,6 +66,13 @@ class SuiteClock:
             writer.writerow(["test", "total_s", "setup_s", "call_s", "teardown_s", "outcome"])
             writer.writerows([nodeid, *(f"{value:.2f}" for value in values), outcome]
                              for nodeid, *values, outcome in rows)
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        wall = time.monotonic() - self.started
+        own, children = (now - then for now, then in zip(_cpu(), self.cpu_started))
+        rows = self.rows()
+        if not rows:
+            return
         write = terminalreporter.write_line
         terminalreporter.section(f"the {min(SHOWN, len(rows))} slowest tests", sep="-")
         write("  total s  setup s  test (whole ids in the file named below)")

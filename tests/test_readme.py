@@ -6,6 +6,7 @@ command's outcome."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -28,6 +29,7 @@ MANUALS = ("README.md", "docs/team.md")
 TESTED = {
     "make run": (FRESH, 'sh("make run"'),
     "make test": (".ci/run", "make test"),
+    # collected, not run, by its test (running it would run the suite inside the suite)
     "make test-fast": ("tests/test_readme.py", '["make", "-n", "test-fast", "UV=/usr/bin/true"]'),
     "source .venv/bin/activate": (FRESH, "activated=True"),
     "dvc metrics show": (FRESH, 'sh("dvc metrics show"'),
@@ -126,7 +128,7 @@ def test_readme_is_the_manual_not_the_lab_notebook():
 def collect(*args: str) -> tuple[set[str], int]:
     """The test ids pytest collects here with these arguments, and how many tests there are in all."""
     done = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only", "-q", "-p", "no:cacheprovider"],
-                          cwd=REPO, capture_output=True, text=True)
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTEST_ADDOPTS": ""})
     assert done.returncode == 0, done.stdout[-3000:]
     (total,) = re.findall(r"^\d+/(\d+) tests collected", done.stdout, flags=re.M)
     return {line for line in done.stdout.splitlines() if "::" in line}, int(total)

@@ -45,20 +45,41 @@ def test_hangs():
 
 def test_after_the_hang():
     assert True
+
+@pytest.fixture
+def broken():
+    yield
+    raise RuntimeError("teardown fails")
+
+def test_broken_fixture(broken):
+    assert True
+
+@pytest.mark.skip(reason="not here")
+def test_skipped():
+    assert False
+
+@pytest.mark.xfail(reason="known")
+def test_expected_to_fail():
+    assert False
 """)
     done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_small.py"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     out = done.stdout
     assert done.returncode == 1, out
-    assert "2 failed, 2 passed" in out and "Timeout" in out and "FAILED test_small.py::test_hangs" in out, out
+    assert "2 failed, 3 passed, 1 skipped, 1 xfailed, 1 error" in out, out
+    assert "Timeout" in out and "FAILED test_small.py::test_hangs" in out, out
     with (tmp_path / "out" / "durations.csv").open() as table:
         rows = list(csv.DictReader(table))
-    assert [row["test"] for row in rows][0] == "test_small.py::test_hangs"  # slowest first
+    totals = [float(row["total_s"]) for row in rows]
+    assert totals == sorted(totals, reverse=True)  # slowest first
     assert {row["test"].split("::")[1]: row["outcome"] for row in rows} == {
-        "test_hangs": "failed", "test_passes": "passed", "test_fails": "failed", "test_after_the_hang": "passed"}
+        "test_hangs": "failed", "test_passes": "passed", "test_fails": "failed", "test_after_the_hang": "passed",
+        "test_broken_fixture": "error", "test_skipped": "skipped", "test_expected_to_fail": "xfailed"}
+    hangs = next(row for row in rows if row["test"].endswith("test_hangs"))
+    assert float(hangs["call_s"]) >= 1  # stopped by its timeout, not before
     passes = next(row for row in rows if row["test"].endswith("test_passes"))
     assert float(passes["setup_s"]) >= 0.5 and float(passes["total_s"]) >= float(passes["setup_s"])
-    shown = out[out.index("the 4 slowest tests"):out.index("every test's time: ")]
+    shown = out[out.index("the 7 slowest tests"):out.index("every test's time: ")]
     assert "total s  setup s  test" in shown and "s CPU (" in shown
     assert max(len(line) for line in shown.splitlines()) <= 100 and "test_small.py::test_hangs" in shown
 

@@ -34,9 +34,13 @@ def test_ui_prints_the_link_once_the_ui_answers_and_stops_with_it(stop, status, 
     with log.open("w") as err:  # a file: a pipe nobody reads would fill and block the server
         # A terminal's foreground job takes Ctrl-C; a job started in the background (as a CI runner may
         # start the suite) inherits SIGINT ignored, which `cleanmessy` respects, as a user's would be.
-        ui = subprocess.Popen([str(VENV_BIN / "cleanmessy"), "ui", "--port", str(port)], cwd=project,
-                              env=tool_env(), stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        # A handled signal is reset to its default by exec: the UI starts as from a terminal.
+        ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            ui = subprocess.Popen([str(VENV_BIN / "cleanmessy"), "ui", "--port", str(port)], cwd=project,
+                                  env=tool_env(), stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+        finally:
+            signal.signal(signal.SIGINT, ignored)
     try:
         assert ui.stdout is not None
         lines = []
