@@ -17,7 +17,7 @@ RUN := $(UV) run --frozen
 
 # --compile-bytecode: every module compiled once, here. Python otherwise compiles TensorFlow's,
 # MLflow's and DVC's sources again in every process that cannot write __pycache__
-# (PYTHONDONTWRITEBYTECODE, as in many containers, or a read-only venv): 5-10 s of each command.
+# (PYTHONDONTWRITEBYTECODE, as in many containers, or a read-only venv): 3-10 s of each command.
 setup: $(UV)
 	$(UV) sync --frozen --compile-bytecode
 
